@@ -1,0 +1,1 @@
+"""Data-parallel training on Horovod and tf.distribute."""

@@ -1,0 +1,102 @@
+"""The seam between the training loop and how replicas talk to each other.
+
+The loop never asks which backend it runs on: it builds its model inside
+`scope()`, computes gradients through `gradients()`, runs its step through
+`make_step()` and reduces its metrics with `allreduce_sum()`.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+
+class Backend:
+    name = "single"
+    rank = 0            # process index; 0 is the chief, the only one that writes
+    size = 1            # number of processes
+    num_replicas = 1    # replicas across all processes (one batch slice each)
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def local_replicas(self) -> list[int]:
+        """Global ids of the replicas this process feeds."""
+        return [self.rank]
+
+    @property
+    def lr_scale(self) -> int:
+        """Learning-rate multiplier for the larger global batch (Goyal et al.)."""
+        return self.num_replicas
+
+    def scope(self):
+        return contextlib.nullcontext()
+
+    def gradients(self, tape: tf.GradientTape, loss, variables):
+        """Gradients already summed over every replica.
+
+        Each replica's loss is its share of the global-batch mean, so the sum
+        over replicas is the gradient of the global mean.
+        """
+        return tape.gradient(loss, variables)
+
+    def make_step(self, replica_step: Callable) -> Callable:
+        """Wrap `replica_step(x, y, global_count)` into a compiled step that
+        takes this process's per-replica slices and returns this process's
+        summed outputs."""
+        step = tf.function(replica_step, reduce_retracing=True)
+
+        def run(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray], global_count: float):
+            return step(xs[0], ys[0], tf.constant(global_count, tf.float32))
+        return run
+
+    def load_shared(self, load: Callable):
+        """Run a load whose result every process needs (a manifest, a checkpoint).
+
+        Processes here share one file system, so each loads for itself.
+        Horovod overrides this: only the chief reads, and it ships the result,
+        or its error, to the others.
+        """
+        return load()
+
+    def broadcast_variables(self, variables) -> None:
+        """Make every process start from the chief's values."""
+
+    def broadcast_object(self, obj):
+        return obj
+
+    def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
+        """Sum a small array over processes (metrics, counts, checksums)."""
+        return np.asarray(values, dtype=np.float64)
+
+    def barrier(self) -> None:
+        pass
+
+    def local_replica_values(self, variable) -> list:
+        """This process's copy of `variable` for each replica it feeds."""
+        return [variable.numpy()]
+
+    def replica_fingerprints(self, variables) -> list[str]:
+        """One weight hash per replica, in replica order, on every process.
+
+        Gathered through allreduce_sum (each process fills its own rows of a
+        zero table) so every backend gets it without an object-gather op.
+        """
+        from ..checkpoint import fingerprint_arrays
+        table = np.zeros((self.num_replicas, 32))
+        local = [list(self.local_replica_values(v)) for v in variables]
+        for i, replica in enumerate(self.local_replicas):
+            digest = fingerprint_arrays((v.name, vals[i]) for v, vals in zip(variables, local))
+            table[replica] = np.frombuffer(bytes.fromhex(digest[7:]), dtype=np.uint8)
+        table = self.allreduce_sum(table)
+        return ["sha256:" + bytes(row.astype(np.uint8).tolist()).hex() for row in table]
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.num_replicas} replica{'s' if self.num_replicas != 1 else ''})"
+
+
+SingleBackend = Backend

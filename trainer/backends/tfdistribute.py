@@ -1,0 +1,110 @@
+"""tf.distribute: MirroredStrategy (one process, several devices) and
+MultiWorkerMirroredStrategy (one process per worker, TF_CONFIG)."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from ..errors import UsageError
+from .base import Backend
+
+
+class StrategyBackend(Backend):
+    def __init__(self, strategy: tf.distribute.Strategy, name: str, rank: int, size: int):
+        self.strategy = strategy
+        self.name = name
+        self.rank = rank
+        self.size = size
+        self.num_replicas = strategy.num_replicas_in_sync
+        self._per_process = self.num_replicas // size
+
+    @property
+    def local_replicas(self) -> list[int]:
+        first = self.rank * self._per_process
+        return list(range(first, first + self._per_process))
+
+    def scope(self):
+        return self.strategy.scope()
+
+    # gradients(): the base tape is right; apply_gradients inside strategy.run
+    # sums them across replicas.
+
+    def make_step(self, replica_step):
+        strategy = self.strategy
+        first = self.local_replicas[0]
+
+        @tf.function(reduce_retracing=True)
+        def step(x, y, global_count):
+            out = strategy.run(replica_step, args=(x, y, global_count))
+            # Sum only this process's replicas; the loop reduces across
+            # processes once per epoch instead of every step.
+            return [tf.add_n(strategy.experimental_local_results(o)) for o in out]
+
+        def run(xs, ys, global_count):
+            def pick(chunks):
+                return strategy.experimental_distribute_values_from_function(
+                    lambda ctx: tf.constant(chunks[ctx.replica_id_in_sync_group - first]))
+            return step(pick(xs), pick(ys), tf.constant(global_count, tf.float32))
+        return run
+
+    def allreduce_sum(self, values):
+        values = np.asarray(values, dtype=np.float64)
+        if self.size == 1:
+            return values
+        first = self.local_replicas[0]
+        zeros = np.zeros_like(values)
+        per_replica = self.strategy.experimental_distribute_values_from_function(
+            lambda ctx: tf.constant(values if ctx.replica_id_in_sync_group == first else zeros))
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None).numpy()
+
+    def local_replica_values(self, variable):
+        return [v.numpy() for v in self.strategy.experimental_local_results(variable)]
+
+    def broadcast_object(self, obj):
+        # Every worker computes the same plan from the same inputs; objects
+        # that differ would be a bug, so nothing is shipped.
+        return obj
+
+    def barrier(self) -> None:
+        self.allreduce_sum(np.zeros(1))
+
+
+def mirrored(devices: int) -> StrategyBackend:
+    cpus = tf.config.list_logical_devices("CPU")
+    gpus = tf.config.list_logical_devices("GPU")
+    pool = gpus or cpus
+    if devices and devices > len(pool):
+        raise UsageError(f"--devices {devices}: only {len(pool)} devices visible")
+    names = [d.name for d in pool[: devices or len(pool)]]
+    # NCCL is GPU-only; on CPUs reduce through one device.
+    cross = None if gpus else tf.distribute.ReductionToOneDevice()
+    strategy = tf.distribute.MirroredStrategy(devices=names, cross_device_ops=cross)
+    return StrategyBackend(strategy, "mirrored", rank=0, size=1)
+
+
+def multiworker() -> StrategyBackend:
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        raise UsageError("--backend multiworker needs TF_CONFIG (cluster.worker list and task index); "
+                         "see README 'tf.distribute'")
+    try:
+        cfg = json.loads(raw)
+        workers = cfg["cluster"]["worker"]
+        index = int(cfg["task"]["index"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"TF_CONFIG is not valid JSON with cluster.worker and task.index ({e})") from None
+    options = tf.distribute.experimental.CommunicationOptions(
+        implementation=tf.distribute.experimental.CommunicationImplementation.RING)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    return StrategyBackend(strategy, "multiworker", rank=index, size=len(workers))
+
+
+def configure_logical_devices(devices: int) -> None:
+    """Split the CPU into `devices` logical devices; must run before TF starts."""
+    if devices and devices > 1 and not tf.config.list_physical_devices("GPU"):
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(devices)])

@@ -1,0 +1,165 @@
+"""Run directories: atomic checkpoints, a JSON manifest, and lineage.
+
+Layout of a run directory:
+    manifest.json                 what was trained, on what, from which init; latest checkpoint
+    checkpoints/ckpt-00000042/    state.index + state.data-* (tf.train.Checkpoint) + meta.json
+    model.keras                   the final model
+    tb/                           TensorBoard logs
+    history.csv, curves.png       per-epoch metrics
+
+Every file is written under a temporary name and renamed, and the manifest
+is renamed last, so a crash while saving leaves the previous checkpoint and
+the manifest that points at it intact.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UsageError
+
+MANIFEST = "manifest.json"
+FORMAT = "dptoolkit-run/1"
+_PACKAGES = ("tensorflow", "keras", "horovod", "numpy", "scikit-learn", "mpi4py", "h5py")
+
+
+def package_versions() -> dict:
+    out = {}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def fingerprint(variables) -> str:
+    """A hash of the weights, by name, independent of their order in the model.
+
+    Taken of the initial weights it is the run's lineage: two runs that share
+    it started from the same initialization and may be averaged.
+    """
+    return fingerprint_arrays((v.name, v.numpy()) for v in variables)
+
+
+def fingerprint_arrays(named_arrays) -> str:
+    h = hashlib.sha256()
+    for name, value in sorted(named_arrays, key=lambda item: item[0]):
+        a = np.ascontiguousarray(value)
+        h.update(f"{name}|{a.dtype.str}|{a.shape}\n".encode())
+        h.update(a.tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_manifest(run_dir: Path) -> dict:
+    path = Path(run_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{run_dir}: no {MANIFEST}; not a run or init directory") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: corrupt manifest ({e}); restore it or start a new run") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UsageError(f"{path}: not a {FORMAT} manifest")
+    return manifest
+
+
+class RunDir:
+    """The chief's handle on a run directory. Other ranks never create one."""
+
+    def __init__(self, path, keep: int = 3):
+        self.path = Path(path)
+        self.keep = max(1, keep)
+        self.ckpt_root = self.path / "checkpoints"
+
+    def exists(self) -> bool:
+        return (self.path / MANIFEST).exists()
+
+    def manifest(self) -> dict:
+        return read_manifest(self.path)
+
+    def write_manifest(self, manifest: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.path / MANIFEST, {**manifest, "format": FORMAT})
+
+    def save(self, checkpoint, meta: dict, manifest_update: dict) -> str:
+        """Write one checkpoint, point the manifest at it, drop the oldest."""
+        self.ckpt_root.mkdir(parents=True, exist_ok=True)
+        name = f"ckpt-{meta['step']:08d}"
+        final = self.ckpt_root / name
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=self.ckpt_root))
+        try:
+            checkpoint.write(str(tmp / "state"))
+            atomic_write_json(tmp / "meta.json", meta)
+            if final.exists():  # the same step saved again (e.g. end of epoch == max-steps)
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        manifest = self.manifest() if self.exists() else {}
+        kept = [c for c in manifest.get("checkpoints", []) if c != name] + [name]
+        manifest.update(manifest_update, latest=name, checkpoints=kept[-self.keep:])
+        self.write_manifest(manifest)
+        for old in kept[:-self.keep]:
+            shutil.rmtree(self.ckpt_root / old, ignore_errors=True)
+        return name
+
+    def latest(self) -> tuple[str, dict]:
+        """(checkpoint prefix, meta) of the newest complete checkpoint."""
+        return checkpoint_of(self.path)
+
+    def clean_partial(self) -> None:
+        """Remove temporaries a crashed save left behind."""
+        if self.ckpt_root.exists():
+            for p in self.ckpt_root.glob(".ckpt-*.tmp"):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def checkpoint_of(run_dir) -> tuple[str, dict]:
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    name = manifest.get("latest")
+    if not name:
+        raise UsageError(f"{run_dir}: the manifest names no checkpoint yet")
+    ckpt = run_dir / "checkpoints" / name
+    if not (ckpt / "state.index").exists():
+        raise UsageError(f"{ckpt}: checkpoint named by the manifest is missing")
+    meta = json.loads((ckpt / "meta.json").read_text())
+    return str(ckpt / "state"), meta
+
+
+def export_keras(model, path) -> None:
+    """model.save under a temporary .keras name, then rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,104 @@
+"""`python -m trainer [flags]` trains; `python -m trainer init` writes a shared start."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import UsageError
+
+
+def _launch_rank() -> int:
+    for var in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other bad input
+        raise UsageError(f"{message} (see --help)")
+
+
+def train_parser() -> argparse.ArgumentParser:
+    from .backends import CHOICES
+    p = _Parser(prog="python -m trainer", description="Data-parallel training on Horovod or tf.distribute. "
+                "`python -m trainer init --help` for shared initializations.")
+    a = p.add_argument
+    a("--model", help="registry name (digits_cnn, cifar10_cnn, mlp, lstm, cnn_lstm) or package.module:function "
+                      "(default digits_cnn, or the model of --init/--resume)")
+    a("--data", default="digits", help="digits | cifar10 | synthetic | PATH.npz (default digits)")
+    a("--data-dir", help="directory holding cifar-10-batches-py or cifar-10-batches-bin")
+    a("--epochs", type=int, default=8)
+    a("--batch-size", type=int, default=32, help="per replica (default 32)")
+    a("--lr", type=float, default=1e-3, help="base learning rate, scaled by the replica count (default 1e-3)")
+    a("--optimizer", default="adam", help="adam | sgd | momentum")
+    a("--warmup-epochs", type=float, default=1.0, help="epochs to ramp the scaled learning rate (default 1)")
+    a("--no-lr-scaling", dest="scale_lr", action="store_false", help="keep --lr whatever the replica count")
+    a("--seed", type=int, default=0)
+    a("--out", help="run directory (default runs/MODEL-DATA-TIME)")
+    a("--backend", default="auto", choices=None, help=f"{' | '.join(CHOICES)} (auto: horovod under "
+                                                      "horovodrun/mpirun/srun, else single)")
+    a("--devices", type=int, default=0, help="mirrored: number of devices (CPU: logical devices)")
+    a("--threads", type=int, default=0, help="intra-op threads per process (default: cores / local ranks)")
+    a("--fp16-allreduce", action="store_true", help="Horovod: compress gradients to fp16 for the allreduce")
+    a("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    a("--init", help="start from an init/run directory, a .keras or a .weights.h5 file")
+    a("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
+    a("--max-steps", type=int, default=0, help="stop after this many global steps (checkpointed)")
+    a("--save-every-steps", type=int, default=0, help="also checkpoint every N steps inside epochs")
+    a("--client", type=int, help="federated: this client's index")
+    a("--clients", type=int, help="federated: number of clients")
+    a("--split", default="iid", help="iid | dirichlet:ALPHA | classes:C (default iid)")
+    a("--dropout", type=float, default=0.0, help="lstm: input dropout")
+    a("--recurrent-dropout", type=float, default=0.0, help="lstm: recurrent dropout")
+    a("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def init_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m trainer init",
+                description="Write an initialization that several runs (machines) can start from with --init.")
+    p.add_argument("--model", default="digits_cnn")
+    p.add_argument("--data", default="digits", help="data set that fixes the input shape and classes")
+    p.add_argument("--data-dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    return p
+
+
+def cmd_train(argv) -> int:
+    from .job import Options, run
+    args = vars(train_parser().parse_args(argv))
+    run(Options(**args))
+    return 0
+
+
+def cmd_init(argv) -> int:
+    from .job import Options, load_data
+    from .init import write_init
+    args = init_parser().parse_args(argv)
+    data = load_data(Options(data=args.data, data_dir=args.data_dir, seed=args.seed), args.model)
+    import tensorflow as tf
+    from .models import build_model
+    tf.keras.utils.set_random_seed(args.seed)
+    model = build_model(args.model, data.input_shape, data.num_classes)
+    cfg = {"name": args.model, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
+           "options": {}}
+    lineage = write_init(args.out, model, cfg)
+    print(f"wrote init {args.out} (model {args.model}, lineage {lineage[:19]}...)")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv and argv[0] == "init":
+            return cmd_init(argv[1:])
+        return cmd_train(argv)
+    except UsageError as e:
+        if _launch_rank() == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

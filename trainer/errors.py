@@ -1,0 +1,8 @@
+"""The one exception type that means "the user can fix this"."""
+
+
+class UsageError(Exception):
+    """Bad input: the CLI prints this as one line and exits with code 2.
+
+    The message names the problem and what to do about it; no traceback.
+    """

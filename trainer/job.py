@@ -1,0 +1,237 @@
+"""One training job, start to end: data -> model -> backend -> loop -> checkpoint.
+
+`run(opts)` is what `python -m trainer` does after parsing its flags.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UsageError
+
+# Input shape of --data synthetic when the model has no natural one.
+SYNTHETIC_SHAPES = {"digits_cnn": (8, 8, 1), "lstm": (16, 8), "cnn_lstm": (6, 16, 16, 3)}
+DEFAULT_SYNTHETIC_SHAPE = (32, 32, 3)
+
+
+@dataclass
+class Options:
+    model: str | None = None
+    data: str = "digits"
+    data_dir: str | None = None
+    epochs: int = 8
+    batch_size: int = 32
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    warmup_epochs: float = 1.0
+    scale_lr: bool = True
+    seed: int = 0
+    out: str | None = None
+    backend: str = "auto"
+    devices: int = 0
+    threads: int = 0
+    fp16_allreduce: bool = False
+    resume: bool = False
+    init: str | None = None
+    keep: int = 3
+    max_steps: int = 0
+    save_every_steps: int = 0
+    client: int | None = None
+    clients: int | None = None
+    split: str = "iid"
+    dropout: float = 0.0
+    recurrent_dropout: float = 0.0
+    quiet: bool = False
+    model_options: dict = field(default_factory=dict)
+
+
+def validate(o: Options) -> None:
+    for name in ("epochs", "batch_size", "keep"):
+        if getattr(o, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(o, name)}")
+    for name in ("dropout", "recurrent_dropout"):
+        if not 0.0 <= getattr(o, name) < 1.0:
+            raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(o, name)}")
+    if (o.client is None) != (o.clients is None):
+        raise UsageError("--client and --clients go together (e.g. --client 0 --clients 2)")
+    if o.resume and not o.out:
+        raise UsageError("--resume needs --out RUN_DIR, the run to continue")
+    if o.resume and o.init:
+        raise UsageError("--resume and --init exclude each other: a resumed run keeps its own start")
+
+
+def configure_threads(threads: int) -> None:
+    """Intra-op threads per process; must run before TensorFlow starts.
+
+    Several ranks on one host would otherwise each spawn a thread per core
+    and fight over them, so the default splits the cores between them.
+    """
+    import tensorflow as tf
+    if not threads:
+        local = next((int(os.environ[v]) for v in ("HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE",
+                                                   "SLURM_NTASKS_PER_NODE") if v in os.environ), 1)
+        threads = max(1, (os.cpu_count() or 1) // max(1, local)) if local > 1 else 0
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
+def default_out(model: str, data: str) -> str:
+    tag = Path(data).stem if data.endswith(".npz") else data
+    return str(Path("runs") / f"{model.replace(':', '.')}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def load_data(o: Options, model: str):
+    from .data import load_dataset
+    from .splits import client_indices
+    shape = SYNTHETIC_SHAPES.get(model, DEFAULT_SYNTHETIC_SHAPE)
+    data = load_dataset(o.data, o.data_dir, synthetic_shape=shape, seed=o.seed)
+    if o.clients is not None:
+        idx = client_indices(data.y_train, o.client, o.clients, o.split, o.seed, num_classes=data.num_classes)
+        if len(idx) == 0:
+            raise UsageError(f"client {o.client} of {o.clients} gets no samples under --split {o.split}")
+        data = type(data)(data.name, data.x_train[idx], data.y_train[idx], data.x_test, data.y_test,
+                          data.num_classes)
+    return data
+
+
+def run(o: Options) -> dict:
+    validate(o)
+    configure_threads(o.threads)
+    from .backends import create
+    from .backends.tfdistribute import configure_logical_devices
+    if o.backend == "mirrored":
+        configure_logical_devices(o.devices)
+    backend = create(o.backend, fp16_allreduce=o.fp16_allreduce, devices=o.devices)
+
+    import tensorflow as tf
+    from . import checkpoint as ck
+    from .init import load_initial_weights, read_init
+    from .loop import LoopConfig, TrainState, evaluate, train
+    from .models import build_model
+    from .optim import make_optimizer
+    from .report import ChiefReporter, Reporter
+
+    plan = backend.load_shared(lambda: _plan(o))
+    model_cfg = plan["model"]
+    data = load_data(o, model_cfg["name"])
+    model_cfg.update(input_shape=list(data.input_shape), num_classes=data.num_classes)
+    if plan.get("expect_model") and plan["expect_model"] != model_cfg:
+        raise UsageError(f"{plan['source']}: was written for model {plan['expect_model']}, "
+                         f"not {model_cfg}; pass matching --model/--data")
+
+    tf.keras.utils.set_random_seed(o.seed)
+    steps_per_epoch = max(1, len(data.x_train) // (o.batch_size * backend.num_replicas))
+    with backend.scope():
+        model = build_model(model_cfg["name"], tuple(data.input_shape), data.num_classes,
+                            **model_cfg["options"])
+        scale = backend.lr_scale if o.scale_lr else 1
+        optimizer = make_optimizer(o.optimizer, o.lr, scale, int(o.warmup_epochs * steps_per_epoch))
+        optimizer.build(model.trainable_variables)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+
+    def load():
+        if plan["resume_prefix"]:
+            try:
+                checkpoint.read(plan["resume_prefix"]).assert_existing_objects_matched()
+            except (AssertionError, ValueError, tf.errors.OpError) as e:
+                raise UsageError(f"{o.out}: checkpoint does not fit this model ({_first_line(e)})") from None
+            return TrainState(**plan["resume_state"])
+        if o.init:
+            load_initial_weights(model, o.init)
+        return TrainState()
+
+    state = backend.load_shared(load)
+    backend.broadcast_variables(model.variables + optimizer.variables)
+    lineage = plan["lineage"] or ck.fingerprint(model.weights)
+
+    run_dir = ck.RunDir(plan["out"], keep=o.keep) if backend.is_chief else None
+    manifest = {
+        "kind": "run",
+        "model": model_cfg,
+        "data": {"name": o.data, "train_samples": int(len(data.x_train)),
+                 "split": None if o.clients is None else
+                 {"client": o.client, "clients": o.clients, "spec": o.split, "seed": o.seed}},
+        "lineage": lineage,
+        "init": plan["init_source"],
+        "world_size": backend.num_replicas,
+        "backend": backend.describe(),
+        "optimizer": {"name": o.optimizer, "lr": o.lr, "lr_scale": scale, "batch_size_per_replica": o.batch_size},
+        "seed": o.seed,
+        "versions": ck.package_versions(),
+    }
+    if run_dir:
+        run_dir.clean_partial()
+        run_dir.write_manifest({**(run_dir.manifest() if o.resume else {}), **manifest,
+                                **({} if o.resume else {"step": 0, "samples_seen": 0, "epoch": 0})})
+    reporter = ChiefReporter(plan["out"], quiet=o.quiet) if backend.is_chief else Reporter()
+    reporter.line(f"training {model_cfg['name']} on {o.data} ({len(data.x_train)} samples) with "
+                  f"{backend.describe()}, {o.batch_size}/replica, run dir {plan['out']}"
+                  + (f", resuming at step {state.step}" if o.resume else ""))
+
+    def save(st: TrainState):
+        if run_dir:
+            meta = {**st.to_dict(), "world_size": backend.num_replicas}
+            run_dir.save(checkpoint, meta, {"step": st.step, "epoch": st.epoch, "samples_seen": st.samples_seen})
+
+    cfg = LoopConfig(epochs=o.epochs, batch_size=o.batch_size, seed=o.seed,
+                     max_steps=o.max_steps, save_every_steps=o.save_every_steps)
+    speed = train(model, optimizer, backend, data, cfg, state, reporter, save)
+    test = evaluate(model, data.x_test, data.y_test, backend)
+    replicas = backend.replica_fingerprints(model.weights)
+    if len(set(replicas)) != 1:
+        raise RuntimeError(f"weights differ across replicas after training: {replicas}")
+    if run_dir:
+        ck.export_keras(model, run_dir.path / "model.keras")
+        run_dir.write_manifest({**run_dir.manifest(), "final": {
+            "keras": "model.keras", "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+            "samples_per_sec": speed["samples_per_sec"], "replica_fingerprints": replicas}})
+    reporter.line(f"test accuracy {test['accuracy']:.4f}")
+    reporter.line(f"final: loss={test['loss']:.4f} accuracy={test['accuracy']:.4f} "
+                  f"samples/s={speed['samples_per_sec']:.1f} steps={state.step} "
+                  f"replicas={backend.num_replicas} backend={backend.describe()}")
+    reporter.close()
+    return {"test": test, "speed": speed, "out": plan["out"], "state": state.to_dict()}
+
+
+def _plan(o: Options) -> dict:
+    """Chief-side decisions: the run directory, what to resume or start from."""
+    from . import checkpoint as ck
+    from .init import read_init
+    plan = {"resume_prefix": None, "resume_state": None, "lineage": None, "init_source": None,
+            "expect_model": None, "source": None}
+    options = {"dropout": o.dropout, "recurrent_dropout": o.recurrent_dropout, **o.model_options}
+    model = o.model
+    if o.resume:
+        manifest = ck.read_manifest(Path(o.out))
+        recorded = manifest["model"]
+        if model and model != recorded["name"]:
+            raise UsageError(f"--resume {o.out}: that run trains model {recorded['name']!r}, "
+                             f"not {model!r}; drop --model or pick another --out")
+        prefix, meta = ck.checkpoint_of(Path(o.out))
+        plan.update(resume_prefix=prefix, lineage=manifest["lineage"], init_source=manifest.get("init"),
+                    resume_state={k: meta[k] for k in ("epoch", "offset", "step", "samples_seen")},
+                    expect_model=recorded, source=f"--resume {o.out}")
+        model, options = recorded["name"], recorded["options"]
+    elif o.init:
+        info = read_init(o.init)
+        if info.get("model"):
+            if model and model != info["model"]["name"]:
+                raise UsageError(f"--init {o.init}: written for model {info['model']['name']!r}, not {model!r}")
+            model = info["model"]["name"]
+            plan.update(expect_model={**info["model"], "options": options}, source=f"--init {o.init}")
+        plan.update(lineage=info.get("lineage"), init_source=str(o.init))
+    model = model or "digits_cnn"
+    out = o.out or default_out(model, o.data)
+    if not o.resume and (Path(out) / ck.MANIFEST).exists():
+        raise UsageError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
+    plan.update(out=out, model={"name": model, "options": options})
+    return plan
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

@@ -1,0 +1,162 @@
+"""The training loop: one compiled step per global batch, metrics per epoch.
+
+It talks to the backend only through the Backend interface, and to the
+outside world only through a Reporter and a `save` callback.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from . import sharding
+from .backends.base import Backend
+from .models import reset_stateful
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0          # epochs completed
+    offset: int = 0         # samples of the current epoch already trained on
+    step: int = 0           # global steps taken
+    samples_seen: int = 0   # samples trained on, over all replicas and epochs
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def per_sample_loss(y, logits):
+    return tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+
+
+def make_replica_step(model, optimizer, backend: Backend,
+                      grad_hooks: Sequence[Callable] = (), after_update: Sequence[Callable] = ()):
+    """The step each replica runs on its slice of the global batch.
+
+    The replica's loss is its per-sample losses summed and divided by the
+    GLOBAL sample count, so gradients summed over replicas are exactly the
+    gradient of the global-batch mean even when slices differ in size.
+    `grad_hooks` transform gradients after the allreduce and `after_update`
+    run after the optimizer (pruning masks and frozen weights live there).
+    """
+    variables = model.trainable_variables
+    num_replicas = float(backend.num_replicas)
+
+    def replica_step(x, y, global_count):
+        with tf.GradientTape() as tape:
+            logits = model(x, training=True)
+            per = per_sample_loss(y, logits)
+            loss = tf.reduce_sum(per) / global_count
+            if model.losses:  # regularizers: counted once over all replicas
+                loss += tf.add_n(model.losses) / num_replicas
+        grads = backend.gradients(tape, loss, variables)
+        for hook in grad_hooks:
+            grads = hook(grads, variables)
+        optimizer.apply_gradients(zip(grads, variables))
+        for hook in after_update:
+            hook()
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=y.dtype), y), tf.float32))
+        return [tf.reduce_sum(per), correct, tf.cast(tf.size(y), tf.float32)]
+
+    return replica_step
+
+
+def evaluate(model, x: np.ndarray, y: np.ndarray, backend: Backend, batch_size: int = 512) -> dict:
+    """Loss and accuracy over the whole set, each process scoring its share."""
+    share = np.array_split(np.arange(len(x)), backend.size)[backend.rank]
+    forward = _forward(model)
+    totals = np.zeros(3)
+    for i in range(0, len(share), batch_size):
+        idx = share[i:i + batch_size]
+        loss_sum, correct = forward(x[idx], y[idx])
+        totals += (float(loss_sum), float(correct), len(idx))
+    loss_sum, correct, count = backend.allreduce_sum(totals)
+    return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1)}
+
+
+def _forward(model):
+    cached = getattr(model, "_dpt_forward", None)
+    if cached is None:
+        @tf.function(reduce_retracing=True)
+        def cached(x, y):
+            logits = model(x, training=False)
+            hit = tf.equal(tf.argmax(logits, -1, output_type=y.dtype), y)
+            return tf.reduce_sum(per_sample_loss(y, logits)), tf.reduce_sum(tf.cast(hit, tf.float32))
+        model._dpt_forward = cached
+    return cached
+
+
+@dataclass
+class LoopConfig:
+    epochs: int
+    batch_size: int            # per replica
+    seed: int
+    max_steps: int = 0         # stop (and checkpoint) after this many global steps; 0 = no limit
+    save_every_steps: int = 0  # extra checkpoints inside an epoch; 0 = only at epoch ends
+    evaluate_every_epoch: bool = True
+
+
+def train(model, optimizer, backend: Backend, data, cfg: LoopConfig, state: TrainState,
+          reporter, save: Callable[[TrainState], None], grad_hooks=(), after_update=()) -> dict:
+    """Run epochs from `state` on; return throughput figures."""
+    step = backend.make_step(make_replica_step(model, optimizer, backend, grad_hooks, after_update))
+    stateful = any(getattr(l, "stateful", False) for l in model.submodules)
+    replicas, local = backend.num_replicas, backend.local_replicas
+    global_batch = cfg.batch_size * replicas
+    n = len(data.x_train)
+    train_time, timed_samples, first = 0.0, 0, True
+
+    while state.epoch < cfg.epochs and not _done(cfg, state):
+        batches = sharding.epoch_batches(n, global_batch, replicas, cfg.seed, state.epoch, start=state.offset)
+        bar = reporter.epoch_bar(state.epoch, cfg.epochs, len(batches))
+        sums = None
+        for batch in batches:
+            parts = sharding.replica_slices(batch, replicas)
+            xs = [data.x_train[parts[r]] for r in local]
+            ys = [data.y_train[parts[r]] for r in local]
+            t0 = time.perf_counter()
+            out = step(xs, ys, float(len(batch)))
+            sums = out if sums is None else [a + b for a, b in zip(sums, out)]
+            if stateful:  # each batch holds whole, independent sequences
+                reset_stateful(model)
+            state.step += 1
+            state.offset += len(batch)
+            state.samples_seen += len(batch)
+            bar.update(1)
+            if state.step % 20 == 0:
+                loss_sum, correct, count = (float(v) for v in sums)
+                bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.3f}")
+            if first:  # the first step traces and compiles: keep it out of throughput
+                first = False
+            else:
+                train_time += time.perf_counter() - t0
+                timed_samples += len(batch)
+            if cfg.save_every_steps and state.step % cfg.save_every_steps == 0:
+                save(state)
+            if _done(cfg, state):
+                break
+        bar.close()
+        epoch_done = state.offset >= n
+        metrics = {}
+        if sums is not None:
+            loss_sum, correct, count = backend.allreduce_sum([float(v) for v in sums])
+            metrics = {"train_loss": loss_sum / count, "train_accuracy": correct / count}
+        if epoch_done:
+            state.epoch += 1
+            state.offset = 0
+            if cfg.evaluate_every_epoch and data.x_test is not None and len(data.x_test):
+                test = evaluate(model, data.x_test, data.y_test, backend)
+                metrics.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
+            if timed_samples:
+                metrics["samples_per_sec"] = timed_samples / train_time if train_time else 0.0
+            reporter.epoch_end(state.epoch - 1, metrics)
+        save(state)
+    return {"samples_per_sec": timed_samples / train_time if train_time else 0.0,
+            "train_time": train_time}
+
+
+def _done(cfg: LoopConfig, state: TrainState) -> bool:
+    return bool(cfg.max_steps) and state.step >= cfg.max_steps
