@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from . import sharding
 from .backends.base import Backend
-from .models import reset_stateful
+from .models import is_stateful, reset_stateful
 
 
 @dataclass
@@ -103,7 +103,7 @@ def train(model, optimizer, backend: Backend, data, cfg: LoopConfig, state: Trai
           reporter, save: Callable[[TrainState], None], grad_hooks=(), after_update=()) -> dict:
     """Run epochs from `state` on; return throughput figures."""
     step = backend.make_step(make_replica_step(model, optimizer, backend, grad_hooks, after_update))
-    stateful = any(getattr(l, "stateful", False) for l in model.submodules)
+    stateful = is_stateful(model)
     replicas, local = backend.num_replicas, backend.local_replicas
     global_batch = cfg.batch_size * replicas
     n = len(data.x_train)

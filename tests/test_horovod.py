@@ -1,0 +1,48 @@
+"""horovodrun -np 2, end to end, with both controllers."""
+import re
+
+import pytest
+
+from conftest import horovodrun, keras_weights, manifest, ok
+
+
+def _only_run_dir(root):
+    runs = list((root / "rank0" / "runs").iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_default_demo_on_gloo_reaches_accuracy_with_identical_ranks(cwd):
+    """The README's demo: no flags, 2 ranks, digits."""
+    proc = ok(horovodrun(2, "gloo", cwd=cwd))
+    run_dir = _only_run_dir(cwd)
+    m = manifest(run_dir)
+    # Rank 0 alone printed the progress bar and wrote files.
+    assert re.search(r"^\[0\]<stderr>:.*epoch 1/8.*step", proc.stderr, re.M)
+    assert not re.search(r"^\[1\]<std(out|err)>:.*epoch", proc.stderr + proc.stdout, re.M)
+    assert not (cwd / "rank1" / "runs").exists()
+    # Weights bitwise identical on both ranks, and those are what was saved.
+    prints = m["final"]["replica_fingerprints"]
+    assert len(prints) == 2 and prints[0] == prints[1]
+    from trainer.checkpoint import fingerprint_arrays
+    assert fingerprint_arrays(keras_weights(run_dir / "model.keras").items()) == prints[0]
+    accuracy = float(re.search(r"test accuracy ([0-9.]+)", proc.stdout).group(1))
+    assert accuracy >= 0.95
+    assert m["final"]["test_accuracy"] == pytest.approx(accuracy, abs=1e-4)
+    assert m["world_size"] == 2 and "gloo" in m["backend"]
+    assert m["samples_seen"] == 8 * m["data"]["train_samples"]  # every sample once per epoch
+    assert re.search(r"final: loss=[0-9.]+ accuracy=[0-9.]+ samples/s=[0-9.]+", proc.stdout)
+    assert (run_dir / "curves.png").stat().st_size > 1000
+    assert list((run_dir / "tb").iterdir())
+
+
+def test_mpi_controller_with_fp16_allreduce_keeps_ranks_identical(cwd):
+    ok(horovodrun(2, "mpi", "--epochs", "2", "--fp16-allreduce", "--out", "run", "--quiet", cwd=cwd))
+    m = manifest(cwd / "rank0" / "run")
+    prints = m["final"]["replica_fingerprints"]
+    assert len(prints) == 2 and prints[0] == prints[1]
+    assert "mpi" in m["backend"]
+    assert not (cwd / "rank1" / "run").exists()
+    assert m["final"]["test_accuracy"] > 0.8
+    # Training moved the weights away from the initialization (the lineage).
+    assert prints[0] != m["lineage"]
