@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import numbers
 from typing import Callable
 
 import tensorflow as tf
@@ -110,8 +111,9 @@ def _batch_size_for(options, model_name):
             f"stateful {model_name} needs a fixed batch size: pass batch_size "
             "(every batch must then have exactly that many examples)"
         )
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = int(batch_size)
     if tf.distribute.has_strategy():
         # Keras 2.15 raises a ValueError for stateful RNNs inside any strategy scope.
         raise UsageError(
