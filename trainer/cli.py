@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from .errors import UsageError
+from .errors import MaskMismatch, UsageError
 
 
 def _launch_rank() -> int:
@@ -42,6 +42,9 @@ def train_parser() -> argparse.ArgumentParser:
     a("--devices", type=int, default=0, help="mirrored: number of devices (CPU: logical devices)")
     a("--threads", type=int, default=0, help="intra-op threads per process (default: cores / local ranks)")
     a("--fp16-allreduce", action="store_true", help="Horovod: compress gradients to fp16 for the allreduce")
+    a("--accum-steps", type=int, default=1, help="micro-batches per optimizer step: gradients summed locally, "
+                                                 "one allreduce (effective batch = batch-size x accum-steps x replicas)")
+    a("--no-pin", dest="pin_cores", action="store_false", help="Horovod: don't pin each local rank to its own cores")
     a("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     a("--init", help="start from an init/run directory, a .keras or a .weights.h5 file")
     a("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
@@ -53,6 +56,18 @@ def train_parser() -> argparse.ArgumentParser:
     a("--dropout", type=float, default=0.0, help="lstm: input dropout")
     a("--recurrent-dropout", type=float, default=0.0, help="lstm: recurrent dropout")
     a("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("pruning and freezing")
+    g.add_argument("--prune", action="store_true", help="magnitude pruning with masks applied inside the step")
+    g.add_argument("--target-sparsity", type=float, default=0.8, help="final fraction of zeros (default 0.8)")
+    g.add_argument("--prune-schedule", default="polynomial", help="polynomial (Zhu & Gupta, cubic) | constant")
+    g.add_argument("--prune-begin", type=int, default=0, help="first step that prunes (default 0)")
+    g.add_argument("--prune-end", type=int, default=-1, help="step that reaches the target (default 3/4 of training)")
+    g.add_argument("--prune-every", type=int, default=10, help="steps between mask updates (default 10)")
+    g.add_argument("--prune-layers", help="regex over weight names (default: conv and dense kernels)")
+    g.add_argument("--prune-config", help='JSON file of per-weight targets: {"conv1/kernel": 0.5, "dense.*": 0.9}')
+    g.add_argument("--freeze", help="keep weights fixed: LAYER, LAYER/WEIGHT or LAYER/WEIGHT[i], comma-separated")
+    g.add_argument("--verify-masks", action="store_true",
+                   help="check after every step that no masked weight is nonzero (slow; for tests and audits)")
     return p
 
 
@@ -102,3 +117,7 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except MaskMismatch as e:  # replicas disagree: stop before they diverge
+        if _launch_rank() == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 1

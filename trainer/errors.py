@@ -6,3 +6,8 @@ class UsageError(Exception):
 
     The message names the problem and what to do about it; no traceback.
     """
+
+
+class MaskMismatch(RuntimeError):
+    """Pruning or freezing masks differ across replicas: the run stops, exit 1,
+    naming the weight, before the replicas drift apart."""

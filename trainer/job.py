@@ -9,7 +9,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from .errors import UsageError
 
@@ -35,6 +34,8 @@ class Options:
     devices: int = 0
     threads: int = 0
     fp16_allreduce: bool = False
+    accum_steps: int = 1
+    pin_cores: bool = True
     resume: bool = False
     init: str | None = None
     keep: int = 3
@@ -46,11 +47,21 @@ class Options:
     dropout: float = 0.0
     recurrent_dropout: float = 0.0
     quiet: bool = False
+    prune: bool = False
+    target_sparsity: float = 0.8
+    prune_schedule: str = "polynomial"
+    prune_begin: int = 0
+    prune_end: int = -1
+    prune_every: int = 10
+    prune_layers: str | None = None
+    prune_config: str | None = None
+    freeze: str | None = None
+    verify_masks: bool = False
     model_options: dict = field(default_factory=dict)
 
 
 def validate(o: Options) -> None:
-    for name in ("epochs", "batch_size", "keep"):
+    for name in ("epochs", "batch_size", "keep", "accum_steps"):
         if getattr(o, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(o, name)}")
     for name in ("dropout", "recurrent_dropout"):
@@ -60,8 +71,19 @@ def validate(o: Options) -> None:
         raise UsageError("--client and --clients go together (e.g. --client 0 --clients 2)")
     if o.resume and not o.out:
         raise UsageError("--resume needs --out RUN_DIR, the run to continue")
+    if o.prune:
+        prune_config(o).validate()
     if o.resume and o.init:
         raise UsageError("--resume and --init exclude each other: a resumed run keeps its own start")
+
+
+def prune_config(o: Options):
+    from .pruning.config import PruneConfig, read_per_layer
+    cfg = PruneConfig(target=o.target_sparsity, schedule=o.prune_schedule, begin=o.prune_begin, end=o.prune_end,
+                      every=o.prune_every, per_layer=read_per_layer(o.prune_config) if o.prune_config else {})
+    if o.prune_layers:
+        cfg.layers = o.prune_layers
+    return cfg
 
 
 def configure_threads(threads: int) -> None:
@@ -106,88 +128,112 @@ def run(o: Options) -> dict:
     from .backends.tfdistribute import configure_logical_devices
     if o.backend == "mirrored":
         configure_logical_devices(o.devices)
-    backend = create(o.backend, fp16_allreduce=o.fp16_allreduce, devices=o.devices)
+    backend = create(o.backend, fp16_allreduce=o.fp16_allreduce, devices=o.devices, pin_cores=o.pin_cores)
 
-    import tensorflow as tf
     from . import checkpoint as ck
-    from .init import load_initial_weights, read_init
-    from .loop import LoopConfig, TrainState, evaluate, train
-    from .models import build_model
-    from .optim import make_optimizer
+    from .loop import LoopConfig, train
     from .report import ChiefReporter, Reporter
 
     plan = backend.load_shared(lambda: _plan(o))
-    model_cfg = plan["model"]
-    data = load_data(o, model_cfg["name"])
-    model_cfg.update(input_shape=list(data.input_shape), num_classes=data.num_classes)
-    if plan.get("expect_model") and plan["expect_model"] != model_cfg:
+    data = load_data(o, plan["model"]["name"])
+    model_cfg = {**plan["model"], "input_shape": list(data.input_shape), "num_classes": data.num_classes}
+    if plan["expect_model"] and plan["expect_model"] != model_cfg:
         raise UsageError(f"{plan['source']}: was written for model {plan['expect_model']}, "
                          f"not {model_cfg}; pass matching --model/--data")
-
-    tf.keras.utils.set_random_seed(o.seed)
-    steps_per_epoch = max(1, len(data.x_train) // (o.batch_size * backend.num_replicas))
-    with backend.scope():
-        model = build_model(model_cfg["name"], tuple(data.input_shape), data.num_classes,
-                            **model_cfg["options"])
-        scale = backend.lr_scale if o.scale_lr else 1
-        optimizer = make_optimizer(o.optimizer, o.lr, scale, int(o.warmup_epochs * steps_per_epoch))
-        optimizer.build(model.trainable_variables)
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
-
-    def load():
-        if plan["resume_prefix"]:
-            try:
-                checkpoint.read(plan["resume_prefix"]).assert_existing_objects_matched()
-            except (AssertionError, ValueError, tf.errors.OpError) as e:
-                raise UsageError(f"{o.out}: checkpoint does not fit this model ({_first_line(e)})") from None
-            return TrainState(**plan["resume_state"])
-        if o.init:
-            load_initial_weights(model, o.init)
-        return TrainState()
-
-    state = backend.load_shared(load)
-    backend.broadcast_variables(model.variables + optimizer.variables)
-    lineage = plan["lineage"] or ck.fingerprint(model.weights)
+    model, optimizer, masks, checkpoint = _build(o, backend, data, model_cfg)
+    state = backend.load_shared(lambda: _restore(o, plan, model, checkpoint))
+    backend.broadcast_variables(model.variables + optimizer.variables + masks.variables)
+    if not o.resume:
+        masks.start()
 
     run_dir = ck.RunDir(plan["out"], keep=o.keep) if backend.is_chief else None
-    manifest = {
-        "kind": "run",
-        "model": model_cfg,
-        "data": {"name": o.data, "train_samples": int(len(data.x_train)),
-                 "split": None if o.clients is None else
-                 {"client": o.client, "clients": o.clients, "spec": o.split, "seed": o.seed}},
-        "lineage": lineage,
-        "init": plan["init_source"],
-        "world_size": backend.num_replicas,
-        "backend": backend.describe(),
-        "optimizer": {"name": o.optimizer, "lr": o.lr, "lr_scale": scale, "batch_size_per_replica": o.batch_size},
-        "seed": o.seed,
-        "versions": ck.package_versions(),
-    }
     if run_dir:
         run_dir.clean_partial()
-        run_dir.write_manifest({**(run_dir.manifest() if o.resume else {}), **manifest,
-                                **({} if o.resume else {"step": 0, "samples_seen": 0, "epoch": 0})})
+        manifest = _run_manifest(o, plan, backend, data, model_cfg, plan["lineage"] or ck.fingerprint(model.weights))
+        run_dir.write_manifest({**(run_dir.manifest() if o.resume else {}), **manifest})
     reporter = ChiefReporter(plan["out"], quiet=o.quiet) if backend.is_chief else Reporter()
     reporter.line(f"training {model_cfg['name']} on {o.data} ({len(data.x_train)} samples) with "
                   f"{backend.describe()}, {o.batch_size}/replica, run dir {plan['out']}"
                   + (f", resuming at step {state.step}" if o.resume else ""))
 
-    def save(st: TrainState):
+    def save(st):
         if run_dir:
             meta = {**st.to_dict(), "world_size": backend.num_replicas}
             run_dir.save(checkpoint, meta, {"step": st.step, "epoch": st.epoch, "samples_seen": st.samples_seen})
 
-    cfg = LoopConfig(epochs=o.epochs, batch_size=o.batch_size, seed=o.seed,
+    cfg = LoopConfig(epochs=o.epochs, batch_size=o.batch_size, seed=o.seed, accum_steps=o.accum_steps,
                      max_steps=o.max_steps, save_every_steps=o.save_every_steps)
-    speed = train(model, optimizer, backend, data, cfg, state, reporter, save)
+    speed = train(model, optimizer, backend, data, cfg, state, reporter, save, **masks.hooks())
+    return _finish(backend, model, data, run_dir, reporter, speed, state, plan["out"], masks)
+
+
+def _build(o: Options, backend, data, model_cfg: dict):
+    import tensorflow as tf
+    from .masking import Masking
+    from .models import build_model
+    from .optim import make_optimizer
+    tf.keras.utils.set_random_seed(o.seed)  # the same initial weights on every process
+    steps_per_epoch = max(1, len(data.x_train) // (o.batch_size * o.accum_steps * backend.num_replicas))
+    with backend.scope():
+        model = build_model(model_cfg["name"], tuple(data.input_shape), data.num_classes, **model_cfg["options"])
+        scale = backend.lr_scale if o.scale_lr else 1
+        optimizer = make_optimizer(o.optimizer, o.lr, scale, int(o.warmup_epochs * steps_per_epoch))
+        # Slots exist before any restore or broadcast, so both reach them.
+        optimizer.build(model.trainable_variables)
+    total_steps = o.max_steps or o.epochs * steps_per_epoch
+    masks = Masking(o, model, backend, total_steps)
+    return model, optimizer, masks, tf.train.Checkpoint(model=model, optimizer=optimizer, **masks.trackables())
+
+
+def _restore(o: Options, plan: dict, model, checkpoint):
+    """The starting TrainState, after loading what --resume or --init names."""
+    import tensorflow as tf
+    from .init import load_initial_weights
+    from .loop import TrainState
+    if plan["resume_prefix"]:
+        try:
+            checkpoint.read(plan["resume_prefix"]).assert_existing_objects_matched()
+        except (AssertionError, ValueError, tf.errors.OpError) as e:
+            raise UsageError(f"{o.out}: checkpoint does not fit this model ({_first_line(e)})") from None
+        return TrainState(**plan["resume_state"])
+    if o.init:
+        load_initial_weights(model, o.init)
+    return TrainState()
+
+
+def _run_manifest(o: Options, plan: dict, backend, data, model_cfg: dict, lineage: str) -> dict:
+    from . import checkpoint as ck
+    split = None if o.clients is None else {"client": o.client, "clients": o.clients, "spec": o.split, "seed": o.seed}
+    manifest = {
+        "kind": "run",
+        "model": model_cfg,
+        "data": {"name": o.data, "train_samples": int(len(data.x_train)), "split": split},
+        "lineage": lineage,
+        "init": plan["init_source"],
+        "world_size": backend.num_replicas,
+        "backend": backend.describe(),
+        "optimizer": {"name": o.optimizer, "lr": o.lr, "lr_scale": backend.lr_scale if o.scale_lr else 1,
+                      "batch_size_per_replica": o.batch_size, "accum_steps": o.accum_steps},
+        "seed": o.seed,
+        "versions": ck.package_versions(),
+    }
+    if not o.resume:
+        manifest.update(step=0, samples_seen=0, epoch=0)
+    return manifest
+
+
+def _finish(backend, model, data, run_dir, reporter, speed: dict, state, out: str, masks) -> dict:
+    """Final evaluation, the replica check, the .keras export, the summary line."""
+    from . import checkpoint as ck
+    from .loop import evaluate
     test = evaluate(model, data.x_test, data.y_test, backend)
     replicas = backend.replica_fingerprints(model.weights)
     if len(set(replicas)) != 1:
         raise RuntimeError(f"weights differ across replicas after training: {replicas}")
+    extra = masks.finish(run_dir, reporter)
     if run_dir:
         ck.export_keras(model, run_dir.path / "model.keras")
-        run_dir.write_manifest({**run_dir.manifest(), "final": {
+        run_dir.write_manifest({**run_dir.manifest(), **extra, "final": {
             "keras": "model.keras", "test_loss": test["loss"], "test_accuracy": test["accuracy"],
             "samples_per_sec": speed["samples_per_sec"], "replica_fingerprints": replicas}})
     reporter.line(f"test accuracy {test['accuracy']:.4f}")
@@ -195,7 +241,7 @@ def run(o: Options) -> dict:
                   f"samples/s={speed['samples_per_sec']:.1f} steps={state.step} "
                   f"replicas={backend.num_replicas} backend={backend.describe()}")
     reporter.close()
-    return {"test": test, "speed": speed, "out": plan["out"], "state": state.to_dict()}
+    return {"test": test, "speed": speed, "out": out, "state": state.to_dict()}
 
 
 def _plan(o: Options) -> dict:

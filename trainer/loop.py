@@ -32,34 +32,47 @@ def per_sample_loss(y, logits):
     return tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
 
 
-def make_replica_step(model, optimizer, backend: Backend,
+def make_replica_step(model, optimizer, backend: Backend, accum_steps: int = 1,
                       grad_hooks: Sequence[Callable] = (), after_update: Sequence[Callable] = ()):
     """The step each replica runs on its slice of the global batch.
 
     The replica's loss is its per-sample losses summed and divided by the
     GLOBAL sample count, so gradients summed over replicas are exactly the
     gradient of the global-batch mean even when slices differ in size.
+    With `accum_steps` K the slice is cut into K micro-batches whose
+    gradients are summed locally before one allreduce: K times fewer
+    synchronizations at the memory cost of one micro-batch.
     `grad_hooks` transform gradients after the allreduce and `after_update`
     run after the optimizer (pruning masks and frozen weights live there).
     """
     variables = model.trainable_variables
     num_replicas = float(backend.num_replicas)
 
-    def replica_step(x, y, global_count):
+    def micro_step(x, y, global_count):
         with tf.GradientTape() as tape:
             logits = model(x, training=True)
             per = per_sample_loss(y, logits)
             loss = tf.reduce_sum(per) / global_count
-            if model.losses:  # regularizers: counted once over all replicas
-                loss += tf.add_n(model.losses) / num_replicas
-        grads = backend.gradients(tape, loss, variables)
+            if model.losses:  # regularizers: counted once over all replicas and micro-batches
+                loss += tf.add_n(model.losses) / (num_replicas * accum_steps)
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=y.dtype), y), tf.float32))
+        return tape.gradient(loss, variables), tf.reduce_sum(per), correct
+
+    def replica_step(x, y, global_count):
+        n = tf.shape(x)[0]
+        grads, loss_sum, correct = None, 0.0, 0.0
+        for i in range(accum_steps):
+            lo, hi = n * i // accum_steps, n * (i + 1) // accum_steps
+            g, l, c = micro_step(x[lo:hi], y[lo:hi], global_count)
+            grads = g if grads is None else [a + b for a, b in zip(grads, g)]
+            loss_sum, correct = loss_sum + l, correct + c
+        grads = backend.reduce_gradients(grads)
         for hook in grad_hooks:
             grads = hook(grads, variables)
         optimizer.apply_gradients(zip(grads, variables))
         for hook in after_update:
             hook()
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=y.dtype), y), tf.float32))
-        return [tf.reduce_sum(per), correct, tf.cast(tf.size(y), tf.float32)]
+        return [loss_sum, correct, tf.cast(n, tf.float32)]
 
     return replica_step
 
@@ -94,18 +107,25 @@ class LoopConfig:
     epochs: int
     batch_size: int            # per replica
     seed: int
+    accum_steps: int = 1       # micro-batches of batch_size per replica per optimizer step
     max_steps: int = 0         # stop (and checkpoint) after this many global steps; 0 = no limit
     save_every_steps: int = 0  # extra checkpoints inside an epoch; 0 = only at epoch ends
     evaluate_every_epoch: bool = True
 
 
 def train(model, optimizer, backend: Backend, data, cfg: LoopConfig, state: TrainState,
-          reporter, save: Callable[[TrainState], None], grad_hooks=(), after_update=()) -> dict:
-    """Run epochs from `state` on; return throughput figures."""
-    step = backend.make_step(make_replica_step(model, optimizer, backend, grad_hooks, after_update))
+          reporter, save: Callable[[TrainState], None], grad_hooks=(), after_update=(),
+          before_step: Sequence[Callable[[int], None]] = (), after_step: Sequence[Callable[[int], None]] = ()) -> dict:
+    """Run epochs from `state` on; return throughput figures.
+
+    `grad_hooks` and `after_update` run inside the compiled step;
+    `before_step` and `after_step` run in Python between steps, on every
+    process, with the global step number (mask updates, checks).
+    """
+    step = backend.make_step(make_replica_step(model, optimizer, backend, cfg.accum_steps, grad_hooks, after_update))
     stateful = is_stateful(model)
     replicas, local = backend.num_replicas, backend.local_replicas
-    global_batch = cfg.batch_size * replicas
+    global_batch = cfg.batch_size * cfg.accum_steps * replicas
     n = len(data.x_train)
     train_time, timed_samples, first = 0.0, 0, True
 
@@ -117,7 +137,9 @@ def train(model, optimizer, backend: Backend, data, cfg: LoopConfig, state: Trai
             parts = sharding.replica_slices(batch, replicas)
             xs = [data.x_train[parts[r]] for r in local]
             ys = [data.y_train[parts[r]] for r in local]
-            t0 = time.perf_counter()
+            t0 = time.perf_counter()  # hooks count: mask updates are part of the cost
+            for hook in before_step:
+                hook(state.step)
             out = step(xs, ys, float(len(batch)))
             sums = out if sums is None else [a + b for a, b in zip(sums, out)]
             if stateful:  # each batch holds whole, independent sequences
@@ -134,6 +156,8 @@ def train(model, optimizer, backend: Backend, data, cfg: LoopConfig, state: Trai
             else:
                 train_time += time.perf_counter() - t0
                 timed_samples += len(batch)
+            for hook in after_step:  # checks, not training: outside the timing
+                hook(state.step)
             if cfg.save_every_steps and state.step % cfg.save_every_steps == 0:
                 save(state)
             if _done(cfg, state):

@@ -26,14 +26,14 @@ def resolve(choice: str) -> str:
     return choice
 
 
-def create(choice: str, *, fp16_allreduce: bool = False, devices: int = 0) -> Backend:
+def create(choice: str, *, fp16_allreduce: bool = False, devices: int = 0, pin_cores: bool = True) -> Backend:
     choice = resolve(choice)
     if choice == "horovod":
         try:
             from .horovod_backend import HorovodBackend
         except ImportError as e:
             raise UsageError(f"Horovod is not importable ({e}); build it with ./run setup") from None
-        return HorovodBackend(fp16_allreduce=fp16_allreduce)
+        return HorovodBackend(fp16_allreduce=fp16_allreduce, pin_cores=pin_cores)
     if choice == "mirrored":
         from .tfdistribute import mirrored
         return mirrored(devices)

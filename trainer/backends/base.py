@@ -36,13 +36,14 @@ class Backend:
     def scope(self):
         return contextlib.nullcontext()
 
-    def gradients(self, tape: tf.GradientTape, loss, variables):
-        """Gradients already summed over every replica.
+    def reduce_gradients(self, grads):
+        """Gradients summed over every replica.
 
         Each replica's loss is its share of the global-batch mean, so the sum
-        over replicas is the gradient of the global mean.
+        over replicas is the gradient of the global mean. Here (one replica,
+        or tf.distribute, whose apply_gradients sums them) nothing to do.
         """
-        return tape.gradient(loss, variables)
+        return grads
 
     def make_step(self, replica_step: Callable) -> Callable:
         """Wrap `replica_step(x, y, global_count)` into a compiled step that
@@ -53,6 +54,10 @@ class Backend:
         def run(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray], global_count: float):
             return step(xs[0], ys[0], tf.constant(global_count, tf.float32))
         return run
+
+    def assign_in_step(self, variable, value) -> None:
+        """Assign inside the compiled step, where every replica holds the same value."""
+        variable.assign(value)
 
     def load_shared(self, load: Callable):
         """Run a load whose result every process needs (a manifest, a checkpoint).

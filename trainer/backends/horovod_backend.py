@@ -1,6 +1,8 @@
 """Horovod: one process per replica, gradients allreduced by Horovod's tape."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import tensorflow as tf
 
@@ -11,7 +13,12 @@ from .base import Backend
 class HorovodBackend(Backend):
     name = "horovod"
 
-    def __init__(self, fp16_allreduce: bool = False):
+    def __init__(self, fp16_allreduce: bool = False, pin_cores: bool = True):
+        # Horovod's background thread wakes every cycle to negotiate; at its
+        # 1 ms default that steals a noticeable share of a core from compute
+        # when ranks fill every core (measured: docs/benchmarks.md). 5 ms
+        # costs at most a few ms of latency on steps of ~100+ ms.
+        os.environ.setdefault("HOROVOD_CYCLE_TIME", "5")
         import horovod.tensorflow as hvd
         hvd.init()
         self.hvd = hvd
@@ -22,12 +29,24 @@ class HorovodBackend(Backend):
         self.local_size = hvd.local_size()
         self.compression = hvd.Compression.fp16 if fp16_allreduce else hvd.Compression.none
         self.controller = "mpi" if hvd.mpi_enabled() else "gloo"
+        if pin_cores:
+            pin_to_cores(self.local_rank, self.local_size)
+        # Horovod's documented GPU setup: one GPU per local rank, grown on demand.
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:
+            gpu = gpus[self.local_rank % len(gpus)]
+            tf.config.experimental.set_memory_growth(gpu, True)
+            tf.config.set_visible_devices(gpu, "GPU")
 
-    def gradients(self, tape, loss, variables):
-        # Sum, not Average: each rank's loss is already divided by the global
-        # sample count, which also keeps an uneven last batch exact.
-        tape = self.hvd.DistributedGradientTape(tape, compression=self.compression, op=self.hvd.Sum)
-        return tape.gradient(loss, variables)
+    def reduce_gradients(self, grads):
+        # What hvd.DistributedGradientTape does inside: one allreduce per
+        # gradient, so Horovod can start on the top layers' gradients while
+        # the lower ones are still being computed, fusing whatever is ready.
+        # It is called directly because with --accum-steps the gradient is a
+        # sum over several tapes. Sum, not Average: each rank's loss is
+        # already divided by the global sample count, which keeps an uneven
+        # last batch exact.
+        return [self.hvd.allreduce(g, op=self.hvd.Sum, compression=self.compression) for g in grads]
 
     def load_shared(self, load):
         # Hosts need not share a file system: the chief reads, the others
@@ -59,3 +78,17 @@ class HorovodBackend(Backend):
 
     def describe(self) -> str:
         return f"horovod/{self.controller} ({self.size} ranks)"
+
+
+def pin_to_cores(local_rank: int, local_size: int) -> None:
+    """Give each local rank its own slice of the cores this process may use.
+
+    Unpinned, the OS migrates compute threads of different ranks onto the
+    same core now and then, and every rank then waits for that straggler.
+    Slices come from the allowed set, so a Slurm cgroup or taskset is kept.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if local_size <= 1 or len(cpus) < local_size:
+        return
+    per = len(cpus) // local_size
+    os.sched_setaffinity(0, cpus[local_rank * per:(local_rank + 1) * per])

@@ -50,6 +50,14 @@ class StrategyBackend(Backend):
             return step(pick(xs), pick(ys), tf.constant(global_count, tf.float32))
         return run
 
+    def assign_in_step(self, variable, value) -> None:
+        # A mirrored variable cannot be assigned from replica context without
+        # an aggregation; the values are identical on every replica, so each
+        # replica's own value is written to its own copy.
+        def update(strategy, var, val):
+            strategy.extended.update(var, lambda v, x: v.assign(x), args=(val,))
+        tf.distribute.get_replica_context().merge_call(update, args=(variable, value))
+
     def allreduce_sum(self, values):
         values = np.asarray(values, dtype=np.float64)
         if self.size == 1:

@@ -1,0 +1,16 @@
+"""python -m bench [scaling|pruning] [flags]: run benchmarks (all without a
+name) and record each in its section of docs/benchmarks.md."""
+import sys
+
+from . import pruning, scaling
+
+BENCHMARKS = {"scaling": scaling.main, "pruning": pruning.main}
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if args and not args[0].startswith("-"):
+        name, args = args[0], args[1:]
+        if name not in BENCHMARKS:
+            sys.exit(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}")
+        sys.exit(BENCHMARKS[name](args))
+    sys.exit(max(fn(args) for fn in BENCHMARKS.values()))

@@ -1,0 +1,402 @@
+"""Tests for trainer.pruning.structured: unit selection, masks, exact slicing, refusals."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer.errors import UsageError
+from trainer.models import build_model
+from trainer.pruning.structured import check_sliceable, select_units, slice_model, unit_masks
+
+L = tf.keras.layers
+TOL = 1e-5
+
+
+# --------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------
+
+
+def digits():
+    return build_model("digits_cnn", (8, 8, 1), 10)
+
+
+def mlp():
+    return build_model("mlp", (8, 8, 1), 10, dropout=0.2)
+
+
+def seq_dense_bn():
+    """Dense -> BN -> ReLU -> Dropout -> Dense(tanh) -> logits: BN constant folded into d2."""
+    return tf.keras.Sequential(
+        [
+            tf.keras.Input(shape=(12,)),
+            L.Dense(16, activation="relu", name="d1"),
+            L.BatchNormalization(name="bn1"),
+            L.ReLU(name="relu1"),
+            L.Dropout(0.3, name="drop1"),
+            L.Dense(8, activation="tanh", name="d2"),
+            L.Dense(3, name="logits"),
+        ],
+        name="seq_dense_bn",
+    )
+
+
+def seq_conv_bn():
+    """conv1 -> maxpool -> conv2(valid) -> BN -> relu -> avgpool -> flatten -> dense(sigmoid) -> logits.
+
+    Pruning conv2 folds the BN constant through Flatten into dense1; pruning the
+    sigmoid dense1 folds sigmoid(0) = 0.5 into logits.
+    """
+    return tf.keras.Sequential(
+        [
+            tf.keras.Input(shape=(10, 10, 2)),
+            L.Conv2D(8, 3, padding="same", activation="relu", name="conv1"),
+            L.MaxPooling2D(2, name="pool1"),
+            L.Conv2D(6, 2, padding="valid", name="conv2"),
+            L.BatchNormalization(name="bn2"),
+            L.Activation("relu", name="act2"),
+            L.AveragePooling2D(2, padding="same", name="pool2"),
+            L.Flatten(name="flatten"),
+            L.Dense(10, activation="sigmoid", name="dense1"),
+            L.Dense(4, name="logits"),
+        ],
+        name="seq_conv_bn",
+    )
+
+
+def functional_gap():
+    """A functional chain ending in GlobalAveragePooling2D; BN before a valid conv (folded)."""
+    inputs = tf.keras.Input(shape=(9, 9, 3), name="input")
+    x = L.Conv2D(8, 3, padding="same", name="conv1")(inputs)
+    x = L.BatchNormalization(name="bn1")(x)
+    x = L.ReLU(name="relu1")(x)
+    x = L.Conv2D(12, 3, padding="valid", activation="relu", name="conv2")(x)
+    x = L.Dropout(0.5, name="drop")(x)
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    x = L.Dense(16, activation="relu", name="dense1")(x)
+    outputs = L.Dense(5, name="logits")(x)
+    return tf.keras.Model(inputs, outputs, name="functional_gap")
+
+
+SLICEABLE = {
+    "digits_cnn": digits,
+    "mlp": mlp,
+    "seq_dense_bn": seq_dense_bn,
+    "seq_conv_bn": seq_conv_bn,
+    "functional_gap": functional_gap,
+}
+
+
+def randomize(model, seed=0):
+    """Random weights (nonzero biases, BN statistics away from the identity).
+
+    Kernels get a He-like scale 1/sqrt(fan_in), so activations and logits stay of
+    order 1 and float32 rounding stays far below the 1e-5 tolerance.
+    """
+    rng = np.random.default_rng(seed)
+    for w in model.weights:
+        if "gamma" in w.name or "moving_variance" in w.name:
+            value = rng.uniform(0.5, 1.5, w.shape)
+        elif "kernel" in w.name:
+            value = rng.normal(0.0, 1.0, w.shape) / np.sqrt(np.prod(w.shape[:-1]))
+        else:
+            value = rng.normal(0.0, 0.3, w.shape)
+        w.assign(value.astype(np.float32))
+    return model
+
+
+def inputs_for(model, n=16, seed=1):
+    shape = (n,) + tuple(model.inputs[0].shape[1:])
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def predict(model, x):
+    return model(x, training=False).numpy()
+
+
+def apply_masks(model, masks):
+    for w in model.weights:
+        if w.name in masks:
+            w.assign(w.numpy() * masks[w.name])
+
+
+def norms(layer):
+    kernel = layer.kernel.numpy()
+    return np.linalg.norm(kernel.reshape(-1, kernel.shape[-1]), axis=0)
+
+
+def assert_masked_equals_sliced(model, keep):
+    """Slice ``model``, then mask it in place: outputs must agree, and masking must matter."""
+    x = inputs_for(model)
+    original = predict(model, x)
+    sliced = slice_model(model, keep)
+    masks = unit_masks(model, keep)
+    apply_masks(model, masks)
+    masked = predict(model, x)
+    assert np.abs(masked - original).max() > 1e-3, "masking removed nothing that matters"
+    np.testing.assert_allclose(predict(sliced, x), masked, rtol=0, atol=TOL)
+    for name, kept in keep.items():
+        layer = sliced.get_layer(name)
+        size = layer.units if isinstance(layer, L.Dense) else layer.filters
+        assert size == len(kept)
+        assert layer.kernel.shape[-1] == len(kept)
+    return sliced
+
+
+# --------------------------------------------------------------------------
+# Exactness, size, selection
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(SLICEABLE))
+def test_masked_model_equals_sliced_model(name):
+    model = randomize(SLICEABLE[name]())
+    check_sliceable(model)
+    keep = select_units(model, 0.5)
+    output_layer = model.layers[-1].name
+    assert output_layer == "logits" and "logits" not in keep
+    assert set(keep) == {
+        l.name for l in model.layers if isinstance(l, (L.Dense, L.Conv2D)) and l.name != "logits"
+    }
+    sliced = assert_masked_equals_sliced(model, keep)
+    assert sliced.count_params() < model.count_params()
+    assert [l.name for l in sliced.layers] == [l.name for l in model.layers]
+    assert sliced.name == model.name
+    assert type(sliced) is type(model)
+    # The output layer keeps all its units: same classes.
+    assert sliced.get_layer("logits").units == model.get_layer("logits").units
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "mlp"])
+def test_sliced_keras_file_is_smaller_and_reloads(name, tmp_path):
+    model = randomize(SLICEABLE[name]())
+    keep = select_units(model, 0.5)
+    sliced = slice_model(model, keep)
+    model.save(tmp_path / "full.keras")
+    sliced.save(tmp_path / "sliced.keras")
+    full_size = (tmp_path / "full.keras").stat().st_size
+    sliced_size = (tmp_path / "sliced.keras").stat().st_size
+    assert sliced_size < 0.6 * full_size, (sliced_size, full_size)
+    x = inputs_for(model)
+    reloaded = tf.keras.models.load_model(tmp_path / "sliced.keras")
+    np.testing.assert_allclose(predict(reloaded, x), predict(sliced, x), rtol=0, atol=1e-6)
+
+
+def test_kept_units_are_the_largest_norm_ones():
+    model = randomize(digits(), seed=3)
+    keep = select_units(model, 0.5)
+    for name, kept in keep.items():
+        layer = model.get_layer(name)
+        n = norms(layer)
+        units = n.size
+        assert len(kept) == units - units // 2
+        assert np.all(np.diff(kept) > 0), "indices must be sorted and unique"
+        removed = np.setdiff1d(np.arange(units), kept)
+        assert n[kept].min() >= n[removed].max()
+        # Exactly the top-k by norm.
+        assert set(kept.tolist()) == set(np.argsort(-n)[: len(kept)].tolist())
+
+
+def test_training_briefly_then_slicing_is_exact():
+    model = digits()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8, 8, 1)).astype(np.float32)
+    y = rng.integers(0, 10, size=64)
+    model.compile(
+        optimizer=tf.keras.optimizers.Adam(1e-2),
+        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.fit(x, y, batch_size=32, epochs=2, verbose=0)
+    assert_masked_equals_sliced(model, select_units(model, 0.5))
+
+
+def test_unit_masks_zero_exactly_the_removed_units():
+    model = randomize(mlp())
+    keep = select_units(model, 0.25)
+    masks = unit_masks(model, keep)
+    assert set(masks) == {"dense1/kernel:0", "dense1/bias:0", "dense2/kernel:0", "dense2/bias:0"}
+    for name in ("dense1", "dense2"):
+        layer = model.get_layer(name)
+        kernel_mask, bias_mask = masks[layer.kernel.name], masks[layer.bias.name]
+        assert kernel_mask.shape == tuple(layer.kernel.shape) and kernel_mask.dtype == np.float32
+        assert bias_mask.shape == tuple(layer.bias.shape)
+        expected = np.zeros(layer.units, np.float32)
+        expected[keep[name]] = 1
+        np.testing.assert_array_equal(bias_mask, expected)
+        np.testing.assert_array_equal(kernel_mask, np.broadcast_to(expected, kernel_mask.shape))
+        assert bias_mask.sum() == layer.units - int(0.25 * layer.units)
+
+
+def test_per_layer_fractions_and_layer_regex():
+    model = randomize(digits())
+    keep = select_units(model, {"dense1": 0.75, "conv2": 0.25})
+    assert set(keep) == {"dense1", "conv2"}
+    assert len(keep["dense1"]) == 32 and len(keep["conv2"]) == 48
+    sliced = assert_masked_equals_sliced(model, keep)
+    assert sliced.get_layer("conv1").filters == 32
+    assert sliced.get_layer("conv2").filters == 48
+    assert sliced.get_layer("dense1").units == 32
+    assert sliced.get_layer("dense1").kernel.shape == (3 * 3 * 48, 32)
+    assert sliced.get_layer("logits").kernel.shape == (32, 10)
+
+    regex_keep = select_units(digits(), 0.5, layer_regex="conv.*")
+    assert set(regex_keep) == {"conv1", "conv2"}
+    # The output layer is never pruned, even if the pattern matches it.
+    assert set(select_units(digits(), 0.5, layer_regex=".*")) == {"conv1", "conv2", "dense1"}
+
+
+def test_at_least_one_unit_is_kept():
+    model = randomize(mlp())
+    keep = select_units(model, {"dense2": 0.999})
+    assert len(keep["dense2"]) == 1
+    assert keep["dense2"][0] == np.argmax(norms(model.get_layer("dense2")))
+    assert_masked_equals_sliced(model, keep)
+    # Even a fraction a hair below 1 keeps one unit.
+    assert len(select_units(model, 1 - 1e-12)["dense1"]) == 1
+
+
+def test_fraction_zero_keeps_everything():
+    model = randomize(mlp())
+    keep = select_units(model, 0.0)
+    assert all(len(v) == model.get_layer(k).units for k, v in keep.items())
+    x = inputs_for(model)
+    sliced = slice_model(model, keep)
+    assert sliced.count_params() == model.count_params()
+    np.testing.assert_allclose(predict(sliced, x), predict(model, x), rtol=0, atol=TOL)
+
+
+def test_output_layer_is_never_pruned():
+    model = digits()
+    with pytest.raises(UsageError, match="'logits' is the output layer"):
+        select_units(model, {"logits": 0.5})
+    with pytest.raises(UsageError, match="matches no prunable layer"):
+        select_units(model, 0.5, layer_regex="logits")
+    with pytest.raises(UsageError, match="'logits' is the output layer"):
+        slice_model(model, {"logits": np.arange(5)})
+    with pytest.raises(UsageError, match="'logits' is the output layer"):
+        unit_masks(model, {"logits": np.arange(5)})
+
+
+# --------------------------------------------------------------------------
+# Refusals
+# --------------------------------------------------------------------------
+
+
+def residual():
+    inputs = tf.keras.Input(shape=(6,), name="input")
+    x = L.Dense(8, activation="relu", name="dense1")(inputs)
+    y = L.Dense(8, activation="relu", name="dense2")(x)
+    x = L.Add(name="add")([x, y])
+    return tf.keras.Model(inputs, L.Dense(3, name="logits")(x), name="residual")
+
+
+UNSLICEABLE = {
+    "cifar10_cnn": (lambda: build_model("cifar10_cnn", (8, 8, 3), 10), "'norm1'"),
+    "residual": (residual, "'add'"),
+    "lstm": (lambda: build_model("lstm", (8, 8), 10), "'lstm'"),
+    "cnn_lstm": (lambda: build_model("cnn_lstm", (2, 8, 8, 1), 10), "'frame_cnn_td'"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNSLICEABLE))
+def test_unsupported_topologies_are_refused(name):
+    factory, layer = UNSLICEABLE[name]
+    model = factory()
+    for call in (
+        lambda: check_sliceable(model),
+        lambda: select_units(model, 0.5),
+        lambda: slice_model(model, {}),
+        lambda: unit_masks(model, {}),
+    ):
+        with pytest.raises(UsageError) as info:
+            call()
+        message = str(info.value)
+        assert layer in message and "\n" not in message
+        assert "structured pruning supports" in message and "Conv2D/Dense" in message
+    if name == "cifar10_cnn":
+        assert "LocalResponseNormalization" in message and "cifar10_cnn" in message
+
+
+def bn_before_same_conv():
+    return tf.keras.Sequential(
+        [
+            tf.keras.Input(shape=(6, 6, 1)),
+            L.Conv2D(4, 3, padding="same", activation="relu", name="conv1"),
+            L.BatchNormalization(name="bn1"),
+            L.Conv2D(4, 3, padding="same", activation="relu", name="conv2"),
+            L.Flatten(name="flatten"),
+            L.Dense(3, name="logits"),
+        ]
+    )
+
+
+def sigmoid_before_same_conv():
+    return tf.keras.Sequential(
+        [
+            tf.keras.Input(shape=(6, 6, 1)),
+            L.Conv2D(4, 3, padding="same", activation="sigmoid", name="conv1"),
+            L.Conv2D(4, 3, padding="same", activation="relu", name="conv2"),
+            L.Flatten(name="flatten"),
+            L.Dense(3, name="logits"),
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    "factory,culprit",
+    [(bn_before_same_conv, "layer 'bn1'"), (sigmoid_before_same_conv, "layer 'conv1'")],
+)
+def test_constant_that_cannot_be_folded_is_refused(factory, culprit):
+    model = randomize(factory())
+    with pytest.raises(UsageError) as info:
+        select_units(model, 0.5)
+    message = str(info.value)
+    assert culprit in message and "'conv2'" in message and "padding='same'" in message
+    with pytest.raises(UsageError, match=culprit):
+        check_sliceable(model)
+    with pytest.raises(UsageError, match=culprit):
+        slice_model(model, {"conv1": np.arange(2)})
+    # Keeping every unit of conv1 is fine, and conv2 alone can be pruned exactly.
+    check_sliceable(model, layers=["conv2"])
+    keep = select_units(model, 0.5, layer_regex="conv2")
+    assert set(keep) == {"conv2"}
+    assert_masked_equals_sliced(model, keep)
+
+
+def test_non_elementwise_activation_is_refused():
+    model = tf.keras.Sequential(
+        [
+            tf.keras.Input(shape=(5,)),
+            L.Dense(6, activation="softmax", name="dense1"),
+            L.Dense(3, name="logits"),
+        ]
+    )
+    with pytest.raises(UsageError, match="'dense1'.*softmax"):
+        select_units(model, 0.5)
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.0, 1.5, float("nan"), "0.5", True, None])
+def test_bad_fraction_is_refused(fraction):
+    with pytest.raises(UsageError, match="fraction"):
+        select_units(digits(), fraction)
+
+
+def test_bad_per_layer_fraction_and_bad_keep_are_refused():
+    model = digits()
+    with pytest.raises(UsageError, match="fraction for layer 'dense1'"):
+        select_units(model, {"dense1": 1.0})
+    with pytest.raises(UsageError, match="no prunable layer 'nope'"):
+        select_units(model, {"nope": 0.5})
+    with pytest.raises(UsageError, match="bad layer_regex"):
+        select_units(model, 0.5, layer_regex="(")
+    for keep, match in [
+        ({"dense1": []}, "keeps no unit"),
+        ({"dense1": [128]}, r"\[0, 128\)"),
+        ({"dense1": [1, 1]}, "duplicates"),
+        ({"dense1": [0.5]}, "integer"),
+        ({"nope": [0]}, "no prunable layer 'nope'"),
+    ]:
+        with pytest.raises(UsageError, match=match):
+            slice_model(model, keep)
+        with pytest.raises(UsageError, match=match):
+            unit_masks(model, keep)

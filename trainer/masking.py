@@ -1,0 +1,81 @@
+"""The job's view of pruning and freezing: which mask sets exist, the hooks
+they add to the loop, what goes into the checkpoint and the manifest.
+
+With neither --prune nor --freeze every method here is a no-op, so the job
+never branches on them.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class Masking:
+    def __init__(self, o, model, backend, total_steps: int):
+        self.o, self.model, self.backend = o, model, backend
+        self.pruner = None
+        self.freezer = None
+        if o.prune:  # imported only when used: TFMOT's import is slow
+            from .job import prune_config
+            from .pruning.pruner import Pruner
+            self.pruner = Pruner(model, prune_config(o), backend, total_steps)
+        if o.freeze:
+            from .pruning.freeze import Freezer
+            self.freezer = Freezer(o.freeze, model, backend)
+        self.sets = [x.maskset for x in (self.pruner, self.freezer) if x]
+        self.checked_steps = 0
+        self.violations = 0
+
+    @property
+    def variables(self) -> list:
+        return [v for s in self.sets for v in s.masks + s.values]
+
+    def trackables(self) -> dict:
+        out = {}
+        if self.pruner:
+            out["pruning"] = self.pruner.maskset.trackable
+        if self.freezer:
+            out["frozen"] = self.freezer.maskset.trackable
+        return out
+
+    def start(self) -> None:
+        if self.freezer:
+            self.freezer.start()
+
+    def hooks(self) -> dict:
+        before = [self.pruner.before_step] if self.pruner else []
+        after = [self._check] if self.pruner and self.o.verify_masks else []
+        return {"grad_hooks": [s.grad_hook for s in self.sets], "after_update": [s.after_update for s in self.sets],
+                "before_step": before, "after_step": after}
+
+    def _check(self, step: int) -> None:
+        self.violations += self.pruner.violations()
+        self.checked_steps += 1
+
+    def finish(self, run_dir, reporter) -> dict:
+        """Manifest entries, and on the chief the sparsity table, PNG and exports."""
+        if not self.sets:
+            return {}
+        out = {}
+        if self.freezer:
+            out["frozen"] = {"spec": self.freezer.spec, "checksums": self.freezer.maskset.verify()}
+        if self.pruner:
+            summary = self.pruner.summary()
+            summary["final_checksums"] = self.pruner.maskset.verify()
+            if self.o.verify_masks:
+                total = self.backend.allreduce_sum(np.array([self.violations, self.checked_steps], dtype=np.float64))
+                summary["verified"] = {"violations": int(total[0]), "replica_steps_checked": int(total[1])}
+            out["pruning"] = summary
+            if run_dir:
+                self._report(run_dir, reporter, summary)
+        return out
+
+    def _report(self, run_dir, reporter, summary: dict) -> None:
+        from .pruning.export import export_savedmodel, save_sparse
+        from .pruning.report import format_table, plot_sparsity, sparsity_rows
+        masks = {v.name: m.numpy() for v, m in zip(self.pruner.maskset.targets, self.pruner.maskset.masks)}
+        rows = sparsity_rows(self.model, masks)
+        reporter.line(format_table(rows))
+        plot_sparsity(rows, run_dir.path / "sparsity.png")
+        stats = save_sparse(self.model, run_dir.path / "model.sparse.npz")
+        export_savedmodel(self.model, run_dir.path / "saved_model")
+        summary["sparse_artifact"] = {"path": "model.sparse.npz", **stats}
