@@ -7,7 +7,7 @@ import pytest
 from conftest import horovodrun, keras_weights, manifest, ok, trainer
 from test_cli_errors import assert_usage_error
 
-PRUNED = ("conv1/kernel:0", "conv2/kernel:0", "dense1/kernel:0", "logits/kernel:0")
+PRUNED = ("conv1/kernel:0", "conv2/kernel:0", "dense1/kernel:0")  # the default: not the output layer
 
 
 def _zeros_fraction(weights, names=PRUNED):
@@ -26,9 +26,10 @@ def test_two_ranks_keep_identical_masks_and_exact_zeros(cwd, controller):
             assert len(per_replica) == 2 and per_replica[0] == per_replica[1], (update["step"], name)
     # No masked weight was nonzero after any step, on either rank.
     assert p["verified"] == {"violations": 0, "replica_steps_checked": 2 * m["step"]}
-    zeros = _zeros_fraction(keras_weights(cwd / "rank0" / "run" / "model.keras"))
-    for name, fraction in zeros.items():
+    weights = keras_weights(cwd / "rank0" / "run" / "model.keras")
+    for name, fraction in _zeros_fraction(weights).items():
         assert abs(fraction - 0.8) <= 0.005, (name, fraction)
+    assert np.mean(weights["logits/kernel:0"] == 0) < 0.01  # the output layer is not pruned by default
     assert m["final"]["replica_fingerprints"][0] == m["final"]["replica_fingerprints"][1]
     assert not (cwd / "rank1" / "run").exists()
 
@@ -100,3 +101,38 @@ def test_per_layer_targets_from_a_config_file(cwd):
                "--prune-end", "20", "--out", "run", "--quiet", cwd=cwd))
     zeros = _zeros_fraction(keras_weights(cwd / "run" / "model.keras"), ("conv1/kernel:0", "dense1/kernel:0"))
     assert abs(zeros["conv1/kernel:0"] - 0.5) <= 0.005 and abs(zeros["dense1/kernel:0"] - 0.95) <= 0.005
+
+
+def test_structured_pruning_exports_a_smaller_model_with_equal_outputs(cwd):
+    ok(trainer("--epochs", "2", "--structured", "--target-sparsity", "0.5", "--prune-end", "40", "--verify-masks",
+               "--out", "run", "--quiet", cwd=cwd))
+    m = manifest(cwd / "run")
+    sliced = m["pruning"]["sliced"]
+    assert sliced["params"][1] < sliced["params"][0] and sliced["max_abs_output_diff"] <= 1e-5
+    assert m["pruning"]["verified"]["violations"] == 0
+    import tensorflow as tf
+
+    from trainer import models  # noqa: F401  (registers custom layers)
+    from trainer.data import load_dataset
+    big = tf.keras.models.load_model(cwd / "run" / "model.keras", compile=False)
+    small = tf.keras.models.load_model(cwd / "run" / "model.sliced.keras", compile=False)
+    x = load_dataset("digits").x_test
+    np.testing.assert_allclose(small(x).numpy(), big(x).numpy(), atol=1e-5)
+    assert small.get_layer("dense1").units == 64 and small.get_layer("conv2").filters == 32
+    assert (cwd / "run" / "model.sliced.keras").stat().st_size < (cwd / "run" / "model.keras").stat().st_size
+
+
+def test_slice_export_step_and_its_errors(cwd):
+    ok(trainer("--epochs", "1", "--out", "run", "--quiet", cwd=cwd))
+    proc = ok(trainer("slice", "run/model.keras", "--fraction", "0.5", "-o", "small.keras", cwd=cwd))
+    assert "->" in proc.stdout and (cwd / "small.keras").stat().st_size < (cwd / "run" / "model.keras").stat().st_size
+    assert_usage_error(trainer("slice", "run/model.keras", "--fraction", "0.5", "-o", "small.keras", cwd=cwd),
+                       "small.keras")  # exists: not overwritten
+    assert_usage_error(trainer("slice", "run/model.keras", "--fraction", "1.5", "-o", "x.keras", cwd=cwd), "1.5")
+
+
+@pytest.mark.parametrize("model,needle", [("cifar10_cnn", "norm1"), ("lstm", "lstm")])
+def test_structured_pruning_refuses_what_it_cannot_slice(cwd, model, needle):
+    assert_usage_error(trainer("--model", model, "--data", "synthetic", "--structured", "--out", "run", cwd=cwd),
+                       needle)
+    assert not (cwd / "run").exists()

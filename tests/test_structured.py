@@ -290,31 +290,103 @@ def residual():
     return tf.keras.Model(inputs, L.Dense(3, name="logits")(x), name="residual")
 
 
+def lstm_between_dense():
+    """proj (Dense on every time step) -> LSTM -> d1 -> Dropout -> d2 (tanh) -> logits.
+
+    proj's units would pass through the LSTM; d1 and d2 only feed Dense layers.
+    """
+    inputs = tf.keras.Input(shape=(6, 5), name="input")
+    x = L.Dense(8, activation="relu", name="proj")(inputs)
+    x = L.LSTM(12, name="lstm")(x)
+    x = L.Dense(16, activation="relu", name="d1")(x)
+    x = L.Dropout(0.3, name="drop")(x)
+    x = L.Dense(8, activation="tanh", name="d2")(x)
+    return tf.keras.Model(inputs, L.Dense(3, name="logits")(x), name="lstm_between_dense")
+
+
+def dense_then_lstm():
+    """d1 -> d2 -> Reshape -> LSTM -> logits: only d1 can be pruned (d2 feeds the Reshape)."""
+    return tf.keras.Sequential(
+        [
+            tf.keras.Input(shape=(12,)),
+            L.Dense(16, activation="relu", name="d1"),
+            L.Dense(16, activation="relu", name="d2"),
+            L.Reshape((4, 4), name="to_seq"),
+            L.LSTM(6, name="lstm"),
+            L.Dense(3, name="logits"),
+        ],
+        name="dense_then_lstm",
+    )
+
+
+def cifar10(input_shape=(32, 32, 3)):
+    return build_model("cifar10_cnn", input_shape, 10)
+
+
+# name -> (factory, layers for check_sliceable, fraction for select_units, keep, culprit).
+# layers=None: the default (every prunable layer).
 UNSLICEABLE = {
-    "cifar10_cnn": (lambda: build_model("cifar10_cnn", (8, 8, 3), 10), "'norm1'"),
-    "residual": (residual, "'add'"),
-    "lstm": (lambda: build_model("lstm", (8, 8), 10), "'lstm'"),
-    "cnn_lstm": (lambda: build_model("cnn_lstm", (2, 8, 8, 1), 10), "'frame_cnn_td'"),
+    # conv1's filters would pass through norm1 (LRN mixes channels).
+    "cifar10_cnn": (lambda: cifar10((8, 8, 3)), None, 0.5, {"conv1": np.arange(32)}, "'norm1'"),
+    "cifar10_cnn_conv2": (
+        lambda: cifar10((8, 8, 3)), ["conv2"], {"conv2": 0.5}, {"conv2": np.arange(32)}, "'norm2'",
+    ),
+    "residual": (residual, None, 0.5, {}, "'add'"),
+    # Pruning the recurrent layer itself.
+    "lstm": (lambda: build_model("lstm", (8, 8), 10), ["lstm"], {"lstm": 0.5}, {"lstm": [0]}, "'lstm'"),
+    # A layer inside the TimeDistributed per-frame CNN.
+    "cnn_lstm": (
+        lambda: build_model("cnn_lstm", (2, 8, 8, 1), 10),
+        ["frame_conv1"], {"frame_conv1": 0.5}, {"frame_conv1": [0]}, "'frame_cnn_td'",
+    ),
+    # An LSTM on the path of a pruned Dense.
+    "lstm_on_pruned_path": (lstm_between_dense, None, 0.5, {"proj": np.arange(4)}, "'lstm'"),
+    # A Reshape on the path of a pruned Dense.
+    "reshape_on_pruned_path": (dense_then_lstm, ["d2"], {"d2": 0.5}, {"d2": np.arange(8)}, "'to_seq'"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(UNSLICEABLE))
-def test_unsupported_topologies_are_refused(name):
-    factory, layer = UNSLICEABLE[name]
+def test_unsupported_layers_are_refused_when_pruned_units_reach_them(name):
+    factory, layers, fraction, keep, layer = UNSLICEABLE[name]
     model = factory()
     for call in (
-        lambda: check_sliceable(model),
-        lambda: select_units(model, 0.5),
-        lambda: slice_model(model, {}),
-        lambda: unit_masks(model, {}),
+        lambda: check_sliceable(model, layers=layers),
+        lambda: select_units(model, fraction),
+        lambda: slice_model(model, keep),
+        lambda: unit_masks(model, keep),
     ):
         with pytest.raises(UsageError) as info:
             call()
         message = str(info.value)
         assert layer in message and "\n" not in message
         assert "structured pruning supports" in message and "Conv2D/Dense" in message
-    if name == "cifar10_cnn":
+    if name.startswith("cifar10_cnn"):
         assert "LocalResponseNormalization" in message and "cifar10_cnn" in message
+        pruned = next(iter(keep))
+        assert f"exclude {pruned!r} from pruning" in message
+    if name == "lstm_on_pruned_path":
+        assert "'proj'" in message and "recurrent" in message
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [lambda: build_model("lstm", (8, 8), 10), lambda: build_model("cnn_lstm", (2, 8, 8, 1), 10)],
+    ids=["lstm", "cnn_lstm"],
+)
+def test_models_without_a_prunable_layer_are_carried_over_whole(factory):
+    """lstm/cnn_lstm have no Dense/Conv2D but the output layer on their chain: nothing to prune."""
+    model = randomize(factory())
+    check_sliceable(model)
+    with pytest.raises(UsageError, match="has no prunable layer"):
+        select_units(model, 0.5)
+    assert unit_masks(model, {}) == {}
+    sliced = slice_model(model, {})
+    x = inputs_for(model, n=4)
+    np.testing.assert_allclose(predict(sliced, x), predict(model, x), rtol=0, atol=1e-6)
+    assert [l.name for l in sliced.layers] == [l.name for l in model.layers]
+    for a, b in zip(model.weights, sliced.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
 def bn_before_same_conv():
@@ -400,3 +472,91 @@ def test_bad_per_layer_fraction_and_bad_keep_are_refused():
             slice_model(model, keep)
         with pytest.raises(UsageError, match=match):
             unit_masks(model, keep)
+
+
+# --------------------------------------------------------------------------
+# Unsupported layers off the pruned paths are carried over
+# --------------------------------------------------------------------------
+
+
+def test_cifar10_cnn_dense_layers_can_be_pruned():
+    """local3/local4 at 0.5: LRN layers are upstream of every pruned unit, so slicing is exact."""
+    model = randomize(cifar10(), seed=4)
+    check_sliceable(model, layers=["local3", "local4"])
+    keep = select_units(model, 0.5, layer_regex=r"local.*")
+    assert set(keep) == {"local3", "local4"}
+    assert len(keep["local3"]) == 192 and len(keep["local4"]) == 96
+    for other in (
+        select_units(model, {"local3": 0.5, "local4": 0.5}),
+        select_units(model, {"local3": 0.5, "local4": 0.5}, layer_regex=r"local.*"),
+    ):
+        assert set(other) == set(keep)
+        for name in keep:
+            np.testing.assert_array_equal(other[name], keep[name])
+
+    original = {w.name: w.numpy() for w in model.weights}
+    sliced = assert_masked_equals_sliced(model, keep)
+    assert sliced.count_params() < model.count_params()
+    assert sliced.get_layer("local3").kernel.shape == (8 * 8 * 64, 192)
+    assert sliced.get_layer("local4").kernel.shape == (192, 96)
+    assert sliced.get_layer("logits").kernel.shape == (96, 10)
+    assert [l.name for l in sliced.layers] == [l.name for l in model.layers]
+    # Layers upstream of the pruned ones -- the LRN layers included -- are carried over unchanged.
+    for name in ("norm1", "norm2"):
+        new, old = sliced.get_layer(name), model.get_layer(name)
+        assert type(new).__name__ == "LocalResponseNormalization"
+        assert new.get_config() == old.get_config()
+    for name in ("conv1", "conv2"):
+        assert sliced.get_layer(name).get_config() == model.get_layer(name).get_config()
+        for w in sliced.get_layer(name).weights:
+            np.testing.assert_array_equal(w.numpy(), original[w.name])
+
+
+def test_cifar10_cnn_default_layers_are_refused_naming_norm1():
+    model = cifar10()
+    for call in (
+        lambda: check_sliceable(model),
+        lambda: select_units(model, 0.5),
+        lambda: select_units(model, 0.5, layer_regex=r"conv.*"),
+        lambda: select_units(model, {"conv1": 0.5, "local3": 0.5}),
+    ):
+        with pytest.raises(UsageError, match="'norm1'") as info:
+            call()
+        assert "'conv1'" in str(info.value)
+    with pytest.raises(UsageError, match="'norm2'"):
+        select_units(model, {"conv2": 0.5, "local3": 0.5})
+    # Keeping every filter of conv1 removes nothing, so nothing reaches norm1.
+    slice_model(model, {"conv1": np.arange(64)})
+
+
+def test_dense_layers_after_an_lstm_can_be_pruned():
+    model = randomize(lstm_between_dense(), seed=5)
+    with pytest.raises(UsageError, match="'lstm'"):
+        check_sliceable(model)  # proj's units would go through the LSTM
+    check_sliceable(model, layers=["d1", "d2"])
+    keep = select_units(model, 0.5, layer_regex=r"d\d")
+    assert set(keep) == {"d1", "d2"}
+    assert set(select_units(model, {"d1": 0.5, "d2": 0.5})) == {"d1", "d2"}
+    lstm_weights = [w.numpy() for w in model.get_layer("lstm").weights]
+    proj_weights = [w.numpy() for w in model.get_layer("proj").weights]
+    sliced = assert_masked_equals_sliced(model, keep)
+    assert sliced.count_params() < model.count_params()
+    assert sliced.get_layer("d1").kernel.shape == (12, 8)
+    assert sliced.get_layer("d2").kernel.shape == (8, 4)
+    for name, weights in (("lstm", lstm_weights), ("proj", proj_weights)):
+        assert sliced.get_layer(name).get_config() == model.get_layer(name).get_config()
+        for new, old in zip(sliced.get_layer(name).weights, weights):
+            np.testing.assert_array_equal(new.numpy(), old)
+
+
+def test_unsupported_layers_after_the_next_weighted_layer_are_carried_over():
+    """Pruning d1 slices d2's input; the Reshape and LSTM after d2 are left alone."""
+    model = randomize(dense_then_lstm(), seed=6)
+    with pytest.raises(UsageError, match="'to_seq'.*'d2'"):
+        check_sliceable(model)
+    keep = select_units(model, {"d1": 0.5})
+    sliced = assert_masked_equals_sliced(model, keep)
+    assert type(sliced) is tf.keras.Sequential
+    assert sliced.get_layer("d2").kernel.shape == (8, 16)
+    for new, old in zip(sliced.get_layer("lstm").weights, model.get_layer("lstm").weights):
+        np.testing.assert_array_equal(new.numpy(), old.numpy())

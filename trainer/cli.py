@@ -63,8 +63,10 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--prune-begin", type=int, default=0, help="first step that prunes (default 0)")
     g.add_argument("--prune-end", type=int, default=-1, help="step that reaches the target (default 3/4 of training)")
     g.add_argument("--prune-every", type=int, default=10, help="steps between mask updates (default 10)")
-    g.add_argument("--prune-layers", help="regex over weight names (default: conv and dense kernels)")
+    g.add_argument("--prune-layers", help="regex over weight names, e.g. 'conv.*/kernel' (default: conv and dense kernels except the output layer)")
     g.add_argument("--prune-config", help='JSON file of per-weight targets: {"conv1/kernel": 0.5, "dense.*": 0.9}')
+    g.add_argument("--structured", action="store_true",
+                   help="prune whole Dense units / Conv2D filters by norm; also exports model.sliced.keras")
     g.add_argument("--freeze", help="keep weights fixed: LAYER, LAYER/WEIGHT or LAYER/WEIGHT[i], comma-separated")
     g.add_argument("--verify-masks", action="store_true",
                    help="check after every step that no masked weight is nonzero (slow; for tests and audits)")
@@ -82,9 +84,57 @@ def init_parser() -> argparse.ArgumentParser:
     return p
 
 
+def slice_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m trainer slice",
+                description="Structured pruning as an export step: remove the lowest-norm Dense units and Conv2D "
+                            "filters of a .keras model and write the physically smaller model.")
+    p.add_argument("model", help="a .keras file (e.g. a run's model.keras)")
+    p.add_argument("--fraction", type=float, required=True, help="share of units to remove per layer, in [0, 1)")
+    p.add_argument("--layers", help="regex over layer names to slice (default: every Dense/Conv2D but the output)")
+    p.add_argument("-o", "--output", required=True, help="the smaller .keras to write")
+    p.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def cmd_slice(argv) -> int:
+    from pathlib import Path
+    args = slice_parser().parse_args(argv)
+    src, dst = Path(args.model), Path(args.output)
+    if not src.is_file():
+        raise UsageError(f"{src}: no such file")
+    if dst.suffix != ".keras":
+        raise UsageError(f"-o {dst}: must end in .keras")
+    if dst.resolve() == src.resolve():
+        raise UsageError(f"-o {dst} is the input; write the sliced model elsewhere")
+    if dst.exists() and not args.overwrite:
+        raise UsageError(f"-o {dst} exists; pass --overwrite or choose another path")
+    import numpy as np
+    import tensorflow as tf
+    from . import models  # noqa: F401  (registers custom layers)
+    from .checkpoint import export_keras
+    from .pruning.structured import select_units, slice_model, unit_masks
+    try:
+        model = tf.keras.models.load_model(src, compile=False)
+    except Exception as e:
+        raise UsageError(f"{src}: not a loadable .keras model ({str(e).splitlines()[0][:150]})") from None
+    keep = select_units(model, args.fraction, layer_regex=args.layers)
+    masks = unit_masks(model, keep)
+    for w in model.weights:
+        if w.name in masks:
+            w.assign(w * masks[w.name])
+    small = slice_model(model, keep)
+    x = tf.random.stateless_uniform((64, *model.input_shape[1:]), seed=(0, 0))
+    diff = float(np.max(np.abs(model(x, training=False).numpy() - small(x, training=False).numpy())))
+    export_keras(small, dst)
+    print(f"wrote {dst}: {model.count_params():,} -> {small.count_params():,} parameters, "
+          f"max output difference to the masked model {diff:.1e}")
+    return 0
+
+
 def cmd_train(argv) -> int:
     from .job import Options, run
     args = vars(train_parser().parse_args(argv))
+    args["prune"] = args["prune"] or args["structured"]
     run(Options(**args))
     return 0
 
@@ -110,6 +160,8 @@ def main(argv=None) -> int:
     try:
         if argv and argv[0] == "init":
             return cmd_init(argv[1:])
+        if argv and argv[0] == "slice":
+            return cmd_slice(argv[1:])
         return cmd_train(argv)
     except UsageError as e:
         if _launch_rank() == 0:

@@ -57,6 +57,7 @@ class Options:
     prune_config: str | None = None
     freeze: str | None = None
     verify_masks: bool = False
+    structured: bool = False
     model_options: dict = field(default_factory=dict)
 
 
@@ -80,7 +81,8 @@ def validate(o: Options) -> None:
 def prune_config(o: Options):
     from .pruning.config import PruneConfig, read_per_layer
     cfg = PruneConfig(target=o.target_sparsity, schedule=o.prune_schedule, begin=o.prune_begin, end=o.prune_end,
-                      every=o.prune_every, per_layer=read_per_layer(o.prune_config) if o.prune_config else {})
+                      every=o.prune_every, per_layer=read_per_layer(o.prune_config) if o.prune_config else {},
+                      structured=o.structured)
     if o.prune_layers:
         cfg.layers = o.prune_layers
     return cfg
@@ -230,7 +232,7 @@ def _finish(backend, model, data, run_dir, reporter, speed: dict, state, out: st
     replicas = backend.replica_fingerprints(model.weights)
     if len(set(replicas)) != 1:
         raise RuntimeError(f"weights differ across replicas after training: {replicas}")
-    extra = masks.finish(run_dir, reporter)
+    extra = masks.finish(run_dir, reporter, sample=data.x_test[:256])
     if run_dir:
         ck.export_keras(model, run_dir.path / "model.keras")
         run_dir.write_manifest({**run_dir.manifest(), **extra, "final": {

@@ -51,11 +51,12 @@ class Masking:
         self.violations += self.pruner.violations()
         self.checked_steps += 1
 
-    def finish(self, run_dir, reporter) -> dict:
+    def finish(self, run_dir, reporter, sample=None) -> dict:
         """Manifest entries, and on the chief the sparsity table, PNG and exports."""
         if not self.sets:
             return {}
         out = {}
+        self.sample = sample
         if self.freezer:
             out["frozen"] = {"spec": self.freezer.spec, "checksums": self.freezer.maskset.verify()}
         if self.pruner:
@@ -79,3 +80,17 @@ class Masking:
         stats = save_sparse(self.model, run_dir.path / "model.sparse.npz")
         export_savedmodel(self.model, run_dir.path / "saved_model")
         summary["sparse_artifact"] = {"path": "model.sparse.npz", **stats}
+        if self.pruner.cfg.structured:
+            summary["sliced"] = self._slice(run_dir)
+
+    def _slice(self, run_dir) -> dict:
+        """The physically smaller model, checked against the masked one."""
+        import tensorflow as tf
+        from .checkpoint import export_keras
+        from .pruning.structured import slice_model
+        small = slice_model(self.model, self.pruner.kept_units())
+        x = tf.constant(self.sample)
+        diff = float(np.max(np.abs(self.model(x, training=False).numpy() - small(x, training=False).numpy())))
+        export_keras(small, run_dir.path / "model.sliced.keras")
+        return {"path": "model.sliced.keras", "params": [int(self.model.count_params()), int(small.count_params())],
+                "max_abs_output_diff": diff}

@@ -1,26 +1,30 @@
-"""When masks change and to what sparsity: TensorFlow Model Optimization's
-schedules, asked in Python between steps."""
-from __future__ import annotations
+"""When masks change and to what sparsity.
 
-from tensorflow_model_optimization.python.core.sparsity.keras import pruning_schedule as tfmot_schedule
+The two schedules of TensorFlow Model Optimization, written out here rather
+than imported: importing tensorflow_model_optimization 0.8 (even only its
+pruning_schedule module) into a TF 2.15.1 process makes every later
+tf.keras.Model.from_config of a functional model loop forever (seen here;
+it is how slicing a structured-pruned model rebuilds it). TFMOT itself runs,
+in its own process, as the reference of bench/pruning.py.
+"""
+from __future__ import annotations
 
 
 class Schedule:
-    """Wraps a TFMOT PolynomialDecay (Zhu & Gupta's gradual cubic schedule) or
-    ConstantSparsity for one target.
-
-    TFMOT prunes only on steps where (step - begin) % frequency == 0, so when
-    the span is not a multiple of the frequency the final target would never
-    be applied; the end step is added as an update step for that reason.
+    """polynomial: Zhu & Gupta (2017), s(t) = s_f (1 - (1 - (t - t0) / (t1 - t0))^3)
+    rising from 0 at `begin` to `target` at `end`; constant: `target` from
+    `begin` on. Masks update on steps `begin + k * every` inside
+    [begin, end] (end < 0: no end), and on `end` itself, which TFMOT skips
+    when the span is not a multiple of `every`, leaving the target unmet.
     """
 
     def __init__(self, kind: str, target: float, begin: int, end: int, every: int):
-        self.end = end
-        if kind == "polynomial":
-            self._tfmot = tfmot_schedule.PolynomialDecay(0.0, target, begin, end, power=3, frequency=every)
-        else:
-            self._tfmot = tfmot_schedule.ConstantSparsity(target, begin, end, frequency=every)
+        self.kind, self.target, self.begin, self.end, self.every = kind, target, begin, end, every
 
     def at(self, step: int) -> tuple[bool, float]:
-        should, sparsity = self._tfmot(step)
-        return bool(should) or step == self.end, float(sparsity)
+        in_range = step >= self.begin and (self.end < 0 or step <= self.end)
+        should = in_range and ((step - self.begin) % self.every == 0 or step == self.end)
+        if self.kind == "constant":
+            return should, self.target
+        progress = min(1.0, max(0.0, (step - self.begin) / (self.end - self.begin)))
+        return should, self.target * (1.0 - (1.0 - progress) ** 3)

@@ -46,18 +46,41 @@ BatchNormalization uses batch statistics), as with any BatchNormalization model.
 
 Supported models
 ----------------
-Sequential and functional models that are a single chain (one input, one
-output, every layer used once with one input tensor) made of ``InputLayer``,
-``Conv2D`` (``groups=1``), ``Dense``, ``MaxPooling2D``, ``AveragePooling2D``,
-``GlobalAveragePooling2D``, ``GlobalMaxPooling2D``, ``Flatten``, ``Activation``,
-``ReLU``, ``LeakyReLU``, ``ELU``, ``Dropout`` and ``BatchNormalization`` (on the
-last axis), all ``channels_last``. Anything else -- e.g. the
+Sequential and functional models that are a single chain: one input, one
+output, every layer used once with one input tensor (no Add/Concatenate
+branches, no shared layers).
+
+Which layer types are allowed depends on where they sit. A removed unit only
+travels from its pruned layer to the *next* weighted layer (the next ``Dense``
+or ``Conv2D``), so only the layers on such a **pruned path** -- the pruned
+layer itself, the layers after it, and the next weighted layer, whose input is
+sliced -- must be of a type that can be sliced:
+
+* the pruned layer and the next weighted layer: ``Dense`` or ``Conv2D``
+  (``groups=1``) -- exactly these classes, not subclasses such as
+  ``Conv2DTranspose``;
+* the layers in between: ``MaxPooling2D``, ``AveragePooling2D``,
+  ``GlobalAveragePooling2D``, ``GlobalMaxPooling2D``, ``Flatten``,
+  ``Activation``, ``ReLU``, ``LeakyReLU``, ``ELU``, ``Dropout`` and
+  ``BatchNormalization`` (on the last axis);
+
+all ``channels_last``. The next weighted layer is found by walking forward
+from the pruned layer: if the walk meets any other layer first -- e.g. the
 ``LocalResponseNormalization`` of ``cifar10_cnn`` (it mixes neighbouring
-channels, so removing one changes the others), recurrent layers, wrappers such
-as ``TimeDistributed``, Add/Concatenate branches, nested models, depthwise or
-separable convolutions, Reshape -- is refused by :func:`check_sliceable` with a
-``UsageError`` naming the layer. So ``digits_cnn`` and ``mlp`` can be pruned,
-``cifar10_cnn``, ``lstm`` and ``cnn_lstm`` cannot.
+channels, so removing one changes the others), a recurrent layer, a wrapper
+such as ``TimeDistributed``, a nested model, a depthwise/separable
+convolution, Reshape -- :func:`check_sliceable` raises a ``UsageError``
+naming that layer (and the pruned layer to exclude). Naming such a layer as
+one to prune is refused the same way.
+
+Every layer that is on no pruned path (upstream of every pruned layer, or
+after the last pruned layer's next weighted layer), whatever its type and
+whether or not it has weights, is carried over unchanged by
+:func:`slice_model` (same config, same weights). So ``digits_cnn`` and
+``mlp`` can be pruned everywhere; in ``cifar10_cnn`` the dense layers
+``local3``/``local4`` can be pruned (``layer_regex=r"local.*"``) but
+``conv1``/``conv2`` cannot (their units pass through ``norm1``/``norm2``);
+an LSTM followed by Dense layers can have those Dense layers pruned.
 
 The model's *output layer* is its last Dense/Conv2D layer. Its units are the
 classes: it is never pruned (only its inputs are sliced).
@@ -79,7 +102,7 @@ __all__ = ["check_sliceable", "select_units", "slice_model", "unit_masks"]
 
 _L = tf.keras.layers
 
-_WEIGHTED = (_L.Dense, _L.Conv2D)
+_WEIGHTED = (_L.Dense, _L.Conv2D)  # exact classes: Conv2DTranspose is a Conv2D subclass
 _POOLING = (
     _L.MaxPooling2D,
     _L.AveragePooling2D,
@@ -101,8 +124,10 @@ _ELEMENTWISE_ACTIVATIONS = frozenset(
 )
 
 _SUPPORTED_TEXT = (
-    "structured pruning supports single chains of Conv2D/Dense/pooling/Flatten/"
-    "BatchNormalization layers (plus Activation, ReLU and Dropout)"
+    "structured pruning supports single chains in which every pruned Conv2D/Dense layer "
+    "reaches the next Conv2D/Dense layer through pooling/Flatten/BatchNormalization layers "
+    "only (plus Activation, ReLU and Dropout); other layers are carried over unchanged "
+    "when no pruned unit passes through them"
 )
 
 
@@ -116,7 +141,7 @@ class _Chain:
     model: tf.keras.Model
     layers: list  # forward order, without the InputLayer
     in_shapes: dict  # layer name -> input TensorShape
-    weighted: list = field(default_factory=list)  # Dense/Conv2D layers, forward order
+    weighted: list = field(default_factory=list)  # exact Dense/Conv2D layers, forward order
 
     @property
     def output_layer(self):
@@ -130,14 +155,28 @@ class _Chain:
         return next(i for i, other in enumerate(self.layers) if other is layer)
 
 
+def _is_weighted(layer) -> bool:
+    """An exact ``Dense``/``Conv2D`` (not a subclass such as ``Conv2DTranspose``)."""
+    return type(layer) in _WEIGHTED
+
+
 def _units(layer) -> int:
     return int(layer.units) if isinstance(layer, _L.Dense) else int(layer.filters)
 
 
-def _refuse(model, layer, reason) -> UsageError:
+def _refuse(model, layer, reason, pruned=None) -> UsageError:
+    """``layer`` cannot be sliced; ``pruned``: the pruned layer whose units would reach it."""
+    where = ""
+    advice = ""
+    if pruned is not None and pruned is not layer:
+        where = f" is on the path of pruned layer {pruned.name!r} to the next Dense/Conv2D layer and"
+    if pruned is not None:
+        advice = (
+            f"; exclude {pruned.name!r} from pruning (layer_regex or a per-layer fraction dict)"
+        )
     return UsageError(
         f"cannot prune model {model.name!r} structurally: layer {layer.name!r} "
-        f"({type(layer).__name__}) {reason}; {_SUPPORTED_TEXT}"
+        f"({type(layer).__name__}){where} {reason}{advice}; {_SUPPORTED_TEXT}"
     )
 
 
@@ -163,18 +202,26 @@ def _unsupported_reason(layer) -> str:
     return "is a layer type structured pruning does not know how to slice"
 
 
-def _check_layer_config(model, layer, in_shape) -> None:
+def _check_on_path(chain, layer, pruned) -> None:
+    """``layer`` lies on ``pruned``'s path (or is ``pruned``): it must be sliceable."""
+    model = chain.model
+    if type(layer) not in _SUPPORTED:
+        raise _refuse(model, layer, _unsupported_reason(layer), pruned)
     if getattr(layer, "data_format", None) == "channels_first":
-        raise _refuse(model, layer, "uses data_format='channels_first' (only channels_last is supported)")
+        raise _refuse(
+            model, layer, "uses data_format='channels_first' (only channels_last is supported)", pruned
+        )
     if isinstance(layer, _L.Conv2D) and int(getattr(layer, "groups", 1)) != 1:
-        raise _refuse(model, layer, f"is a grouped convolution (groups={layer.groups})")
+        raise _refuse(model, layer, f"is a grouped convolution (groups={layer.groups})", pruned)
     if isinstance(layer, _L.BatchNormalization):
         if getattr(layer, "virtual_batch_size", None) is not None:
-            raise _refuse(model, layer, "uses virtual_batch_size")
-        rank = in_shape.rank
+            raise _refuse(model, layer, "uses virtual_batch_size", pruned)
+        rank = chain.in_shapes[layer.name].rank
         axes = [layer.axis] if isinstance(layer.axis, int) else list(layer.axis)
         if rank is None or sorted(a % rank for a in axes) != [rank - 1]:
-            raise _refuse(model, layer, f"normalizes axis {layer.axis}, not the last (channel) axis")
+            raise _refuse(
+                model, layer, f"normalizes axis {layer.axis}, not the last (channel) axis", pruned
+            )
 
 
 def _chain(model) -> _Chain:
@@ -192,12 +239,9 @@ def _chain(model) -> _Chain:
             f"model {model.name!r} is a subclassed Keras model: structured pruning needs a "
             f"Sequential or functional model; {_SUPPORTED_TEXT}"
         )
-    # Layer types first, in topological order: the first offending layer is named.
-    for layer in model.layers:
-        if isinstance(layer, _L.InputLayer):
-            continue
-        if type(layer) not in _SUPPORTED:
-            raise _refuse(model, layer, _unsupported_reason(layer))
+    # Only the topology is checked here. Layer types and configs matter only on
+    # the paths that removed units travel (see _check_path); every other layer
+    # is carried over unchanged by slice_model.
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise UsageError(
             f"cannot prune model {model.name!r} structurally: it has {len(model.inputs)} inputs "
@@ -222,10 +266,11 @@ def _chain(model) -> _Chain:
         if id(layer) in seen:
             raise _refuse(model, layer, "is used more than once (shared layer)")
         seen.add(id(layer))
+    for layer in model.layers:  # a layer off the chain would be a side branch
+        if not isinstance(layer, _L.InputLayer) and id(layer) not in seen:
+            raise _refuse(model, layer, "is not on the chain from the input to the output")
     chain = _Chain(model=model, layers=layers, in_shapes={l.name: s for l, s in backwards})
-    for layer in layers:
-        _check_layer_config(model, layer, chain.in_shapes[layer.name])
-    chain.weighted = [layer for layer in layers if isinstance(layer, _WEIGHTED)]
+    chain.weighted = [layer for layer in layers if _is_weighted(layer)]
     return chain
 
 
@@ -284,14 +329,21 @@ def _bn_apply(layer, values: np.ndarray) -> np.ndarray:
 
 
 def _check_path(chain, pruned) -> None:
-    """Raise UsageError if removing units of ``pruned`` cannot be sliced exactly."""
+    """Raise UsageError if removing units of ``pruned`` cannot be sliced exactly.
+
+    Walks forward from ``pruned`` to the next weighted layer: every layer met
+    on the way (and ``pruned`` and that next layer) must be of a supported type
+    and configuration; the first one that is not is named.
+    """
     model = chain.model
+    _check_on_path(chain, pruned, pruned)
     _check_elementwise(model, pruned, pruned)
     culprit = pruned if _maps_zero_to_nonzero(pruned) else None
     start = chain.index(pruned) + 1
     following = None
     for layer in chain.layers[start:]:
-        if isinstance(layer, _WEIGHTED):
+        _check_on_path(chain, layer, pruned)
+        if _is_weighted(layer):
             following = layer
             break
         if isinstance(layer, _ELEMENTWISE_LAYERS):
@@ -336,11 +388,13 @@ def _check_path(chain, pruned) -> None:
 def check_sliceable(model, layers=None) -> None:
     """Raise ``UsageError`` naming the first layer that makes ``model`` unsliceable.
 
-    Checks the topology (a single chain of supported layers, see the module
-    docstring) and, for every layer in ``layers`` (names; default: every
-    prunable layer, i.e. every Dense/Conv2D except the output layer), that its
-    removed units can be sliced exactly: elementwise activations only, and the
-    BatchNormalization / ``f(0) != 0`` rule of the module docstring.
+    Checks the topology (a single chain, see the module docstring) and, for
+    every layer in ``layers`` (names; default: every prunable layer, i.e. every
+    Dense/Conv2D except the output layer), that its removed units can be sliced
+    exactly: every layer from it to the next Dense/Conv2D layer is of a
+    supported type, elementwise activations only, and the BatchNormalization /
+    ``f(0) != 0`` rule of the module docstring. Layers on no such path are not
+    checked: :func:`slice_model` carries them over unchanged.
     """
     chain = _chain(model)
     if layers is None:
@@ -359,9 +413,33 @@ def _prunable_text(chain) -> str:
     return ", ".join(repr(n) for n in names) if names else "none"
 
 
+def _inner_names(layer) -> set:
+    """Names of the layers nested in ``layer`` (wrapped layer, nested model layers)."""
+    try:
+        return {inner.name for inner in layer._flatten_layers(include_self=False, recursive=True)}
+    except Exception:  # not a Keras layer API we know
+        return set()
+
+
 def _check_prunable_name(chain, name) -> None:
     if any(layer.name == name for layer in chain.prunable):
         return
+    for layer in chain.layers:
+        if type(layer) in _SUPPORTED:
+            continue
+        if layer.name == name:
+            raise _refuse(
+                chain.model, layer,
+                f"{_unsupported_reason(layer)}, so its units cannot be removed (only Dense/Conv2D "
+                "units can; the layer can only be carried over unchanged)",
+            )
+        if name in _inner_names(layer):
+            raise _refuse(
+                chain.model, layer,
+                f"{_unsupported_reason(layer)}, and layer {name!r} is inside it: structured pruning "
+                "cannot remove units of a nested layer (the outer layer can only be carried over "
+                "unchanged)",
+            )
     output = chain.output_layer
     if output is not None and name == output.name:
         raise UsageError(
@@ -546,7 +624,7 @@ def slice_model(model, keep) -> tf.keras.Model:
     kept_in = None  # indices kept on the last axis of the current tensor; None = all
     const = None  # (C,) values of removed entries on the last axis; None = all zero
     for layer in chain.layers:
-        if isinstance(layer, _WEIGHTED):
+        if _is_weighted(layer):
             weights = layer.get_weights()
             kernel = weights[0]
             bias = weights[1].astype(np.float64) if layer.use_bias else None
@@ -571,7 +649,7 @@ def slice_model(model, keep) -> tf.keras.Model:
                 new.append(bias.astype(weights[1].dtype))
             new_weights[layer.name] = new
         elif kept_in is None:
-            continue  # nothing removed upstream: layer unchanged
+            continue  # nothing removed upstream: layer carried over unchanged
         elif isinstance(layer, _L.BatchNormalization):
             channels = int(layer.moving_mean.shape[0])
             base = const if const is not None else np.zeros(channels, np.float32)
@@ -599,13 +677,27 @@ def slice_model(model, keep) -> tf.keras.Model:
         if name in new_sizes:
             key = "units" if entry["class_name"] == "Dense" else "filters"
             entry["config"][key] = new_sizes[name]
-    if isinstance(model, tf.keras.Sequential):
-        sliced = tf.keras.Sequential.from_config(config)
-    else:
-        sliced = tf.keras.Model.from_config(config)
+    # Layers carried over may be custom (e.g. LocalResponseNormalization): make
+    # their classes known even if they are not registered as serializable.
+    custom_objects = {}
+    for layer in chain.layers:
+        try:
+            inner = list(layer._flatten_layers(include_self=True, recursive=True))
+        except Exception:
+            inner = [layer]
+        for sub in inner:
+            cls = type(sub)
+            if not cls.__module__.startswith(("keras.", "tf_keras.", "tensorflow.")):
+                custom_objects[cls.__name__] = cls
+                custom_objects[tf.keras.utils.get_registered_name(cls)] = cls
+    with tf.keras.utils.custom_object_scope(custom_objects):
+        if isinstance(model, tf.keras.Sequential):
+            sliced = tf.keras.Sequential.from_config(config)
+        else:
+            sliced = tf.keras.Model.from_config(config)
     for name, weights in new_weights.items():
         sliced.get_layer(name).set_weights(weights)
-    for layer in chain.layers:
-        if isinstance(layer, _L.BatchNormalization) and layer.name not in new_weights:
+    for layer in chain.layers:  # everything else, whatever its type: same weights
+        if layer.name not in new_weights and layer.weights:
             sliced.get_layer(layer.name).set_weights(layer.get_weights())
     return sliced
