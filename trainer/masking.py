@@ -8,19 +8,26 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import UsageError
+
 
 class Masking:
     def __init__(self, o, model, backend, total_steps: int):
         self.o, self.model, self.backend = o, model, backend
         self.pruner = None
         self.freezer = None
-        if o.prune:  # imported only when used: TFMOT's import is slow
-            from .job import prune_config
-            from .pruning.pruner import Pruner
-            self.pruner = Pruner(model, prune_config(o), backend, total_steps)
         if o.freeze:
             from .pruning.freeze import Freezer
             self.freezer = Freezer(o.freeze, model, backend)
+        if o.prune:
+            from .job import prune_config
+            from .pruning.pruner import Pruner
+            if o.freeze and o.structured:
+                raise UsageError("--freeze and --structured exclude each other: removing whole units "
+                                 "would remove frozen weights too")
+            # Frozen entries keep their values, so pruning must not pick them.
+            protected = {v.name: mask == 0 for v, mask in self.freezer.chosen} if self.freezer else {}
+            self.pruner = Pruner(model, prune_config(o), backend, total_steps, protected)
         self.sets = [x.maskset for x in (self.pruner, self.freezer) if x]
         self.checked_steps = 0
         self.violations = 0

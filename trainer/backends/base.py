@@ -55,9 +55,9 @@ class Backend:
             return step(xs[0], ys[0], tf.constant(global_count, tf.float32))
         return run
 
-    def assign_in_step(self, variable, value) -> None:
-        """Assign inside the compiled step, where every replica holds the same value."""
-        variable.assign(value)
+    def assign_in_step(self, variable, transform) -> None:
+        """variable <- transform(variable), inside the compiled step, on every replica."""
+        variable.assign(transform(variable))
 
     def load_shared(self, load: Callable):
         """Run a load whose result every process needs (a manifest, a checkpoint).

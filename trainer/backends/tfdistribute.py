@@ -50,13 +50,15 @@ class StrategyBackend(Backend):
             return step(pick(xs), pick(ys), tf.constant(global_count, tf.float32))
         return run
 
-    def assign_in_step(self, variable, value) -> None:
+    def assign_in_step(self, variable, transform) -> None:
         # A mirrored variable cannot be assigned from replica context without
-        # an aggregation; the values are identical on every replica, so each
-        # replica's own value is written to its own copy.
-        def update(strategy, var, val):
-            strategy.extended.update(var, lambda v, x: v.assign(x), args=(val,))
-        tf.distribute.get_replica_context().merge_call(update, args=(variable, value))
+        # an aggregation. In cross-replica context each device's copy is
+        # transformed from itself, read after the optimizer's update of that
+        # same copy (computing the value in replica context could read it
+        # before the update lands).
+        def update(strategy, var):
+            strategy.extended.update(var, lambda v: v.assign(transform(v)))
+        tf.distribute.get_replica_context().merge_call(update, args=(variable,))
 
     def allreduce_sum(self, values):
         values = np.asarray(values, dtype=np.float64)

@@ -19,16 +19,19 @@ import tensorflow as tf
 from ..errors import MaskMismatch
 
 
-def magnitude_mask(weight: np.ndarray, sparsity: float) -> np.ndarray:
+def magnitude_mask(weight: np.ndarray, sparsity: float, protected: np.ndarray | None = None) -> np.ndarray:
     """0 for the round(sparsity x size) smallest |w|, 1 elsewhere; exact count.
 
     A stable sort on |w| breaks ties by position, so equal inputs always give
-    equal masks.
+    equal masks. `protected` entries (frozen weights) are never chosen.
     """
-    k = int(round(sparsity * weight.size))
+    magnitude = np.abs(weight).ravel().astype(np.float64)
+    if protected is not None:
+        magnitude[protected.ravel()] = np.inf
+    k = min(int(round(sparsity * weight.size)), int(np.isfinite(magnitude).sum()))
     mask = np.ones(weight.size, dtype=np.float32)
     if k:
-        mask[np.argsort(np.abs(weight).ravel(), kind="stable")[:k]] = 0.0
+        mask[np.argsort(magnitude, kind="stable")[:k]] = 0.0
     return mask.reshape(weight.shape)
 
 
@@ -63,9 +66,14 @@ class MaskSet:
 
     def after_update(self):
         for j, v in enumerate(self.targets):
-            kept = v * self.masks[j]
-            new = kept + self.values[j] * (1.0 - self.masks[j]) if self.values else kept
-            self.backend.assign_in_step(v, new)
+            self.backend.assign_in_step(v, self._remask(j))
+
+    def _remask(self, j):
+        mask = self.masks[j]
+        if self.values:
+            values = self.values[j]
+            return lambda w: w * mask + values * (1.0 - mask)
+        return lambda w: w * mask
 
     def set(self, arrays: list[np.ndarray]) -> None:
         """New masks from this process, made identical by the chief's broadcast,
@@ -74,7 +82,7 @@ class MaskSet:
             m.assign(a)
         self.backend.broadcast_variables(self.masks + self.values)
         for j, v in enumerate(self.targets):
-            v.assign(v * self.masks[j] + (self.values[j] * (1.0 - self.masks[j]) if self.values else 0.0))
+            v.assign(self._remask(j)(v))
 
     def verify(self) -> dict:
         """{weight name: per-replica checksums of its mask}; a mismatch stops

@@ -14,9 +14,11 @@ from .schedule import Schedule
 
 
 class Pruner:
-    def __init__(self, model, cfg: PruneConfig, backend, total_steps: int):
+    def __init__(self, model, cfg: PruneConfig, backend, total_steps: int, protected: dict | None = None):
+        """`protected`: {weight name: bool array} of entries never to prune (frozen)."""
         cfg.validate()
         self.cfg = cfg
+        self.protected = protected or {}
         self.model = model
         chosen = select(model, cfg)
         # By default pruning ends at 3/4 of training, leaving the rest to
@@ -43,7 +45,7 @@ class Pruner:
             arrays = self._unit_masks(plan)
         else:
             current = [m.numpy() for m in self.maskset.masks]
-            arrays = [magnitude_mask(v.numpy(), sparsity) if should else old
+            arrays = [magnitude_mask(v.numpy(), sparsity, self.protected.get(v.name)) if should else old
                       for v, (should, sparsity), old in zip(self.maskset.targets, plan, current)]
         self.maskset.set(arrays)
         checksums = self.maskset.verify()
