@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from trainer.errors import UsageError
 from trainer.models import build_model
-from trainer.pruning.export import export_savedmodel, load_sparse, save_sparse
+from trainer.pruning.export import FORMAT, export_savedmodel, load_sparse, save_sparse
 from trainer.pruning.report import format_table, plot_sparsity, sparsity_rows
 
 SHAPES = {"digits_cnn": (8, 8, 1), "cifar10_cnn": (32, 32, 3)}
@@ -189,7 +189,7 @@ def test_an_architecture_with_lambda_bytecode_is_refused_not_run(tmp_path):
     def text(s):
         return np.frombuffer(s.encode(), dtype=np.uint8)
 
-    np.savez_compressed(tmp_path / "lambda.npz", format=text("dptoolkit-sparse/1"),
+    np.savez_compressed(tmp_path / "lambda.npz", format=text(FORMAT),
                         architecture=text(model.to_json()), index=text("[]"))
     _load_error(tmp_path / "lambda.npz")
     assert not marker.exists()

@@ -86,19 +86,26 @@ class Backend:
         return [variable.numpy()]
 
     def replica_fingerprints(self, variables) -> list[str]:
-        """One weight hash per replica, in replica order, on every process.
+        """One hash of all `variables` per replica, in replica order, on every process."""
+        return self._gathered_digests([variables])[0]
 
-        Gathered through allreduce_sum (each process fills its own rows of a
-        zero table) so every backend gets it without an object-gather op.
-        """
+    def replica_fingerprints_each(self, variables) -> list[list[str]]:
+        """For each variable, its hash on every replica; one reduction for all."""
+        return self._gathered_digests([[v] for v in variables])
+
+    def _gathered_digests(self, groups) -> list[list[str]]:
+        # Gathered through allreduce_sum (each process fills its own rows of a
+        # zero table) so every backend gets it without an object-gather op.
         from ..checkpoint import fingerprint_arrays
-        table = np.zeros((self.num_replicas, 32))
-        local = [list(self.local_replica_values(v)) for v in variables]
-        for i, replica in enumerate(self.local_replicas):
-            digest = fingerprint_arrays((v.name, vals[i]) for v, vals in zip(variables, local))
-            table[replica] = np.frombuffer(bytes.fromhex(digest[7:]), dtype=np.uint8)
+        table = np.zeros((self.num_replicas, len(groups), 32))
+        for g, group in enumerate(groups):
+            local = [list(self.local_replica_values(v)) for v in group]
+            for i, replica in enumerate(self.local_replicas):
+                digest = fingerprint_arrays((v.name, vals[i]) for v, vals in zip(group, local))
+                table[replica, g] = np.frombuffer(bytes.fromhex(digest[7:]), dtype=np.uint8)
         table = self.allreduce_sum(table)
-        return ["sha256:" + bytes(row.astype(np.uint8).tolist()).hex() for row in table]
+        return [["sha256:" + bytes(table[r, g].astype(np.uint8).tolist()).hex() for r in range(self.num_replicas)]
+                for g in range(len(groups))]
 
     def describe(self) -> str:
         return f"{self.name} ({self.num_replicas} replica{'s' if self.num_replicas != 1 else ''})"
