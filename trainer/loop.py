@@ -6,6 +6,7 @@ outside world only through a Reporter and a `save` callback.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
@@ -90,16 +91,18 @@ def evaluate(model, x: np.ndarray, y: np.ndarray, backend: Backend, batch_size: 
     return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1)}
 
 
+_FORWARD = weakref.WeakKeyDictionary()  # model -> its compiled evaluation step
+
+
 def _forward(model):
-    cached = getattr(model, "_dpt_forward", None)
-    if cached is None:
+    if model not in _FORWARD:
         @tf.function(reduce_retracing=True)
-        def cached(x, y):
+        def forward(x, y):
             logits = model(x, training=False)
             hit = tf.equal(tf.argmax(logits, -1, output_type=y.dtype), y)
             return tf.reduce_sum(per_sample_loss(y, logits)), tf.reduce_sum(tf.cast(hit, tf.float32))
-        model._dpt_forward = cached
-    return cached
+        _FORWARD[model] = forward
+    return _FORWARD[model]
 
 
 @dataclass
