@@ -1,5 +1,4 @@
 """Checkpoints: resume equivalence, atomic saves, keep-last-N, shared inits."""
-import json
 
 import numpy as np
 import pytest
