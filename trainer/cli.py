@@ -108,11 +108,10 @@ def cmd_slice(argv) -> int:
         raise UsageError(f"-o {dst} is the input; write the sliced model elsewhere")
     if dst.exists() and not args.overwrite:
         raise UsageError(f"-o {dst} exists; pass --overwrite or choose another path")
-    import numpy as np
     import tensorflow as tf
     from . import models  # noqa: F401  (registers custom layers)
     from .checkpoint import export_keras
-    from .pruning.structured import select_units, slice_model, unit_masks
+    from .pruning.structured import select_units, slice_checked, unit_masks
     try:
         model = tf.keras.models.load_model(src, compile=False)
     except Exception as e:
@@ -122,9 +121,8 @@ def cmd_slice(argv) -> int:
     for w in model.weights:
         if w.name in masks:
             w.assign(w * masks[w.name])
-    small = slice_model(model, keep)
     x = tf.random.stateless_uniform((64, *model.input_shape[1:]), seed=(0, 0))
-    diff = float(np.max(np.abs(model(x, training=False).numpy() - small(x, training=False).numpy())))
+    small, diff = slice_checked(model, keep, x)
     export_keras(small, dst)
     print(f"wrote {dst}: {model.count_params():,} -> {small.count_params():,} parameters, "
           f"max output difference to the masked model {diff:.1e}")

@@ -94,10 +94,8 @@ class Masking:
         """The physically smaller model, checked against the masked one."""
         import tensorflow as tf
         from .checkpoint import export_keras
-        from .pruning.structured import slice_model
-        small = slice_model(self.model, self.pruner.kept_units())
-        x = tf.constant(self.sample)
-        diff = float(np.max(np.abs(self.model(x, training=False).numpy() - small(x, training=False).numpy())))
+        from .pruning.structured import slice_checked
+        small, diff = slice_checked(self.model, self.pruner.kept_units(), tf.constant(self.sample))
         export_keras(small, run_dir.path / "model.sliced.keras")
         return {"path": "model.sliced.keras", "params": [int(self.model.count_params()), int(small.count_params())],
                 "max_abs_output_diff": diff}

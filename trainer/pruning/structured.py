@@ -701,3 +701,11 @@ def slice_model(model, keep) -> tf.keras.Model:
         if layer.name not in new_weights and layer.weights:
             sliced.get_layer(layer.name).set_weights(layer.get_weights())
     return sliced
+
+
+def slice_checked(model, keep, x) -> tuple:
+    """(sliced model, max |output difference| to `model` on `x`): the slice
+    and the evidence that it computes what the masked model computes."""
+    small = slice_model(model, keep)
+    diff = float(np.max(np.abs(model(x, training=False).numpy() - small(x, training=False).numpy())))
+    return small, diff
