@@ -91,6 +91,7 @@ def test_sparse_artifact_from_a_run_restores_the_weights_exactly(cwd):
     (["--prune", "--prune-layers", "nosuchlayer"], "nosuchlayer"),
     (["--freeze", "conv9/kernel"], "conv9/kernel"),
     (["--freeze", "conv1/kernel[99]"], "99"),
+    (["--structured", "--freeze", "conv1"], "--structured"),
 ])
 def test_bad_pruning_input(cwd, args, needle):
     assert_usage_error(trainer(*args, "--out", "run", cwd=cwd), needle)

@@ -72,8 +72,9 @@ def validate(o: Options) -> None:
         raise UsageError("--client and --clients go together (e.g. --client 0 --clients 2)")
     if o.resume and not o.out:
         raise UsageError("--resume needs --out RUN_DIR, the run to continue")
-    if o.prune:
-        prune_config(o).validate()
+    if o.freeze and o.structured:
+        raise UsageError("--freeze and --structured exclude each other: removing whole units "
+                         "would remove frozen weights too")
     if o.resume and o.init:
         raise UsageError("--resume and --init exclude each other: a resumed run keeps its own start")
 
@@ -125,6 +126,9 @@ def load_data(o: Options, model: str):
 
 def run(o: Options) -> dict:
     validate(o)
+    prune_cfg = prune_config(o) if o.prune else None
+    if prune_cfg:  # before any backend starts: bad pruning flags fail fast
+        prune_cfg.validate()
     configure_threads(o.threads)
     from .backends import create
     from .backends.tfdistribute import configure_logical_devices
@@ -142,7 +146,7 @@ def run(o: Options) -> dict:
     if plan["expect_model"] and plan["expect_model"] != model_cfg:
         raise UsageError(f"{plan['source']}: was written for model {plan['expect_model']}, "
                          f"not {model_cfg}; pass matching --model/--data")
-    model, optimizer, masks, checkpoint = _build(o, backend, data, model_cfg)
+    model, optimizer, masks, checkpoint = _build(o, backend, data, model_cfg, prune_cfg)
     state = backend.load_shared(lambda: _restore(o, plan, model, checkpoint))
     backend.broadcast_variables(model.variables + optimizer.variables + masks.variables)
     if not o.resume:
@@ -169,7 +173,7 @@ def run(o: Options) -> dict:
     return _finish(backend, model, data, run_dir, reporter, speed, state, plan["out"], masks)
 
 
-def _build(o: Options, backend, data, model_cfg: dict):
+def _build(o: Options, backend, data, model_cfg: dict, prune_cfg=None):
     import tensorflow as tf
     from .masking import Masking
     from .models import build_model
@@ -183,7 +187,7 @@ def _build(o: Options, backend, data, model_cfg: dict):
         # Slots exist before any restore or broadcast, so both reach them.
         optimizer.build(model.trainable_variables)
     total_steps = o.max_steps or o.epochs * steps_per_epoch
-    masks = Masking(o, model, backend, total_steps)
+    masks = Masking(o, model, backend, total_steps, prune_cfg)
     return model, optimizer, masks, tf.train.Checkpoint(model=model, optimizer=optimizer, **masks.trackables())
 
 

@@ -8,26 +8,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import UsageError
-
 
 class Masking:
-    def __init__(self, o, model, backend, total_steps: int):
+    def __init__(self, o, model, backend, total_steps: int, prune_cfg=None):
         self.o, self.model, self.backend = o, model, backend
         self.pruner = None
         self.freezer = None
         if o.freeze:
             from .pruning.freeze import Freezer
             self.freezer = Freezer(o.freeze, model, backend)
-        if o.prune:
-            from .job import prune_config
+        if prune_cfg:
             from .pruning.pruner import Pruner
-            if o.freeze and o.structured:
-                raise UsageError("--freeze and --structured exclude each other: removing whole units "
-                                 "would remove frozen weights too")
             # Frozen entries keep their values, so pruning must not pick them.
             protected = {v.name: mask == 0 for v, mask in self.freezer.chosen} if self.freezer else {}
-            self.pruner = Pruner(model, prune_config(o), backend, total_steps, protected)
+            self.pruner = Pruner(model, prune_cfg, backend, total_steps, protected)
         self.sets = [x.maskset for x in (self.pruner, self.freezer) if x]
         self.checked_steps = 0
         self.violations = 0
@@ -63,7 +57,6 @@ class Masking:
         if not self.sets:
             return {}
         out = {}
-        self.sample = sample
         if self.freezer:
             out["frozen"] = {"spec": self.freezer.spec, "checksums": self.freezer.maskset.verify()}
         if self.pruner:
@@ -74,10 +67,10 @@ class Masking:
                 summary["verified"] = {"violations": int(total[0]), "replica_steps_checked": int(total[1])}
             out["pruning"] = summary
             if run_dir:
-                self._report(run_dir, reporter, summary)
+                self._report(run_dir, reporter, summary, sample)
         return out
 
-    def _report(self, run_dir, reporter, summary: dict) -> None:
+    def _report(self, run_dir, reporter, summary: dict, sample) -> None:
         from .pruning.export import export_savedmodel, save_sparse
         from .pruning.report import format_table, plot_sparsity, sparsity_rows
         masks = {v.name: m.numpy() for v, m in zip(self.pruner.maskset.targets, self.pruner.maskset.masks)}
@@ -88,14 +81,14 @@ class Masking:
         export_savedmodel(self.model, run_dir.path / "saved_model")
         summary["sparse_artifact"] = {"path": "model.sparse.npz", **stats}
         if self.pruner.cfg.structured:
-            summary["sliced"] = self._slice(run_dir)
+            summary["sliced"] = self._slice(run_dir, sample)
 
-    def _slice(self, run_dir) -> dict:
+    def _slice(self, run_dir, sample) -> dict:
         """The physically smaller model, checked against the masked one."""
         import tensorflow as tf
         from .checkpoint import export_keras
         from .pruning.structured import slice_checked
-        small, diff = slice_checked(self.model, self.pruner.kept_units(), tf.constant(self.sample))
+        small, diff = slice_checked(self.model, self.pruner.kept_units(), tf.constant(sample))
         export_keras(small, run_dir.path / "model.sliced.keras")
         return {"path": "model.sliced.keras", "params": [int(self.model.count_params()), int(small.count_params())],
                 "max_abs_output_diff": diff}
