@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from .errors import MaskMismatch, UsageError
+from .errors import MaskMismatch, OneLineParser, UsageError
 
 
 def _launch_rank() -> int:
@@ -15,14 +15,9 @@ def _launch_rank() -> int:
     return 0
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, like every other bad input
-        raise UsageError(f"{message} (see --help)")
-
-
 def train_parser() -> argparse.ArgumentParser:
     from .backends import CHOICES
-    p = _Parser(prog="python -m trainer", description="Data-parallel training on Horovod or tf.distribute. "
+    p = OneLineParser(prog="python -m trainer", description="Data-parallel training on Horovod or tf.distribute. "
                 "`python -m trainer init --help` for shared initializations.")
     a = p.add_argument
     a("--model", help="registry name (digits_cnn, cifar10_cnn, mlp, lstm, cnn_lstm) or package.module:function "
@@ -74,7 +69,7 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def init_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m trainer init",
+    p = OneLineParser(prog="python -m trainer init",
                 description="Write an initialization that several runs (machines) can start from with --init.")
     p.add_argument("--model", default="digits_cnn")
     p.add_argument("--data", default="digits", help="data set that fixes the input shape and classes")
@@ -85,7 +80,7 @@ def init_parser() -> argparse.ArgumentParser:
 
 
 def slice_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m trainer slice",
+    p = OneLineParser(prog="python -m trainer slice",
                 description="Structured pruning as an export step: remove the lowest-norm Dense units and Conv2D "
                             "filters of a .keras model and write the physically smaller model.")
     p.add_argument("model", help="a .keras file (e.g. a run's model.keras)")

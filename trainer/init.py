@@ -1,10 +1,12 @@
-"""Shared starting points: `python -m trainer init` and `--init`.
+"""Shared starting points: `python -m trainer init`, `--init`, and merges as the next round's start.
 
 Two machines that start from the same init directory share a lineage, which
 is what later lets `merge fedavg` average their weights.
 """
 from __future__ import annotations
 
+import json
+import zipfile
 from pathlib import Path
 
 from . import checkpoint as ck
@@ -19,16 +21,34 @@ def read_init(path) -> dict:
     if p.is_dir():
         manifest = ck.read_manifest(p)
         return {"model": manifest.get("model"), "lineage": manifest.get("lineage")}
-    if p.suffix in (".keras", ".h5"):
+    if p.suffix == ".keras":
+        return _keras_metadata(p)
+    if p.suffix == ".h5":
         return {"model": None, "lineage": None}
     raise UsageError(f"--init {path}: expected an init or run directory, a .keras or a .weights.h5 file")
+
+
+def _keras_metadata(p: Path) -> dict:
+    """A .keras written by `merge fedavg` records its model and lineage in the
+    archive's metadata.json; one saved by Keras records neither."""
+    try:
+        with zipfile.ZipFile(p) as zf:
+            recorded = json.loads(zf.read("metadata.json")).get("dptoolkit") or {}
+    except (zipfile.BadZipFile, KeyError, ValueError, AttributeError, OSError):
+        recorded = {}
+    return {"model": recorded.get("model"), "lineage": recorded.get("lineage")}
 
 
 def load_initial_weights(model, path) -> None:
     import tensorflow as tf
     p = Path(path)
     try:
-        if p.is_dir():
+        if p.is_dir() and ck.read_manifest(p).get("kind") == "merge":
+            # `merge fedavg -o DIR`: a Keras config and v3 weights file, unzipped.
+            source = tf.keras.saving.deserialize_keras_object(json.loads((p / "config.json").read_text()))
+            source.load_weights(str(p / "model.weights.h5"))
+            _copy_by_name(source, model)
+        elif p.is_dir():
             prefix, _ = ck.checkpoint_of(p)
             # A run's checkpoint also holds optimizer state; a new run starts fresh.
             status = tf.train.Checkpoint(model=model).read(prefix).expect_partial()

@@ -1,0 +1,145 @@
+"""`python -m merge {fedavg,ensemble,inspect,diff,evaluate}`."""
+from __future__ import annotations
+
+import json
+import sys
+
+from trainer.errors import OneLineParser, UsageError
+
+from .aggregate import MASK_POLICIES
+
+
+def parser() -> OneLineParser:
+    p = OneLineParser(prog="python -m merge", description="Merge trained models: FedAvg for models that share an "
+                      "initialization, ensembles for models that do not.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    f = sub.add_parser("fedavg", help="weighted average of models that started from the same weights",
+                       description="Average models trained from one initialization (FedAvg), streaming one "
+                       "tensor at a time. Inputs: trainer run/checkpoint/merge directories, .keras, .weights.h5, "
+                       "legacy .h5, TensorFlow checkpoint prefixes. Optimizer state is dropped.")
+    f.add_argument("inputs", nargs="+", metavar="INPUT")
+    f.add_argument("-o", "--out", required=True, help="OUT.keras, or a directory a trainer can --init from")
+    f.add_argument("--weights", type=_floats, help="per-input weights, e.g. 3,1 (default: samples seen)")
+    f.add_argument("--uniform", action="store_true", help="weight every input equally")
+    f.add_argument("--force", action="store_true", help="average even inputs with different initializations")
+    f.add_argument("--mask-policy", choices=MASK_POLICIES,
+                   help="pruned inputs: intersection (default; pruned anywhere stays pruned), union, renormalize")
+    f.add_argument("--infer-masks", action="store_true",
+                   help="read exact zeros of kernels as pruned, for inputs that record no masks")
+    f.add_argument("--target-sparsity", type=float, help="re-prune the merged masked tensors to this sparsity")
+    f.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/Inf weights")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    f.add_argument("--data", help="check the merged model against the inputs on this data set (digits, ...)")
+    f.add_argument("--data-dir")
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("ensemble", help="one model that combines the members' predictions",
+                       description="Combine independently trained models by their outputs. Members may "
+                       "differ in architecture but not in input shape or class count.")
+    e.add_argument("inputs", nargs="+", metavar="MEMBER")
+    e.add_argument("-o", "--out", required=True, help="OUT.keras")
+    e.add_argument("--method", default="mean", choices=("mean", "logit-mean", "vote", "max"),
+                   help="mean of probabilities (default), mean of log-probabilities, weighted vote, max")
+    e.add_argument("--weights", type=_floats)
+    e.add_argument("--overwrite", action="store_true")
+
+    i = sub.add_parser("inspect", help="format, tensors, lineage, sparsity and samples of one input")
+    i.add_argument("input")
+    i.add_argument("--json", action="store_true")
+
+    d = sub.add_parser("diff", help="what would block averaging two inputs (exit 1 if anything)")
+    d.add_argument("a")
+    d.add_argument("b")
+
+    v = sub.add_parser("evaluate", help="accuracy and loss of checkpoints, merges and ensembles")
+    v.add_argument("inputs", nargs="+", metavar="INPUT")
+    v.add_argument("--data", required=True, help="digits | cifar10 | synthetic | PATH.npz")
+    v.add_argument("--data-dir")
+    v.add_argument("--plot", help="also write a bar chart PNG here")
+    return p
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--weights {text}: expected numbers separated by commas, e.g. 3,1") from None
+
+
+def cmd_fedavg(a) -> int:
+    from .fedavg import Options, fedavg
+    o = Options(inputs=a.inputs, out=a.out, weights=a.weights, uniform=a.uniform, force=a.force,
+                mask_policy=a.mask_policy, infer_masks=a.infer_masks, target_sparsity=a.target_sparsity,
+                allow_nonfinite=a.allow_nonfinite, overwrite=a.overwrite, data=a.data, data_dir=a.data_dir,
+                quiet=a.quiet)
+    try:
+        s = fedavg(o)
+    finally:
+        for w in o.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+    print(f"fedavg of {len(s['inputs'])} inputs -> {s['out']}")
+    for inp in s["inputs"]:
+        print(f"  {inp['path']}  weight {inp['weight']:.4f}  samples {inp['samples_seen'] or '-'}  "
+              f"{inp['format']}")
+    print(f"lineage: {s['lineage'] or 'unknown'}; samples seen in all: {s['samples_seen']}")
+    if s["mask_policy"]:
+        print(f"masks ({s['mask_policy']}): sparsity {s['sparsity']['overall']:.2%} over the masked tensors")
+        for name, sp in s["sparsity"]["tensors"].items():
+            print(f"  {name:<32} {sp:7.2%}")
+    if s["check"]:
+        c = s["check"]
+        print(f"--data {a.data}: merged accuracy {c['merged_accuracy']:.4f}, worst input {c['worst_input_accuracy']:.4f}")
+    return 0
+
+
+def cmd_ensemble(a) -> int:
+    from .ensemble import write_ensemble
+    s = write_ensemble(a.inputs, a.out, a.method, a.weights, a.overwrite)
+    print(f"ensemble ({a.method}) of {len(a.inputs)} members -> {a.out}")
+    for k, v in s.items():
+        if k not in ("members",):
+            print(f"  {k}: {v}")
+    return 0
+
+
+def cmd_inspect(a) -> int:
+    from .describe import format_inspect, inspect
+    info = inspect(a.input)
+    print(json.dumps(info, indent=2) if a.json else format_inspect(info))
+    return 0
+
+
+def cmd_diff(a) -> int:
+    from .describe import diff
+    problems = diff(a.a, a.b)
+    for line in problems:
+        print(line)
+    if not problems:
+        print(f"{a.a} and {a.b} can be averaged: same tensors, shapes and dtypes, no conflicting lineage")
+    return 1 if problems else 0
+
+
+def cmd_evaluate(a) -> int:
+    from .evaluate import evaluate, format_table, plot
+    rows = evaluate(a.inputs, a.data, a.data_dir)
+    print(format_table(rows))
+    if a.plot:
+        plot(rows, a.plot)
+        print(f"wrote {a.plot}")
+    return 0
+
+
+COMMANDS = {"fedavg": cmd_fedavg, "ensemble": cmd_ensemble, "inspect": cmd_inspect, "diff": cmd_diff,
+            "evaluate": cmd_evaluate}
+
+
+def main(argv=None) -> int:
+    try:
+        args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+        return COMMANDS[args.command](args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,65 @@
+"""`merge inspect` and `merge diff`: what an input holds, and what would stop
+two inputs from being averaged."""
+from __future__ import annotations
+
+import numpy as np
+
+from .inputs import Inputs
+from .sources import open_source
+
+
+def inspect(path: str) -> dict:
+    src = open_source(path)
+    try:
+        tensors = []
+        for key in src.keys():
+            shape, dtype = src.info(key)
+            x = np.asarray(src.read(key))  # one tensor at a time
+            zeros = int(x.size - np.count_nonzero(x))
+            row = {"name": key, "shape": list(shape), "dtype": str(dtype), "params": int(x.size),
+                   "zeros": zeros / x.size if x.size else 0.0, "masked": src.has_mask(key)}
+            if src.has_mask(key):
+                row["pruned"] = float(1.0 - (np.asarray(src.read_mask(key)) > 0).mean())
+            tensors.append(row)
+        return {"path": src.path, "format": src.format, "naming": src.family, "lineage": src.lineage,
+                "samples_seen": src.samples, "model": (src.model_cfg or {}).get("name")
+                or (src.config or {}).get("config", {}).get("name"),
+                "params": sum(t["params"] for t in tensors), "tensors": tensors}
+    finally:
+        src.close()
+
+
+def format_inspect(info: dict) -> str:
+    lines = [f"{info['path']}: {info['format']}, model {info['model'] or 'unknown'}, "
+             f"{info['params']:,} parameters in {len(info['tensors'])} tensors",
+             f"lineage: {info['lineage'] or 'unknown (no manifest)'}",
+             f"samples seen: {info['samples_seen'] if info['samples_seen'] is not None else 'unknown'}"]
+    width = max(len(t["name"]) for t in info["tensors"]) if info["tensors"] else 4
+    lines.append(f"{'tensor':<{width}}  {'shape':<18} {'dtype':<8} {'zeros':>7}  mask")
+    for t in info["tensors"]:
+        mask = f"pruned {t['pruned']:.1%}" if t["masked"] else "-"
+        lines.append(f"{t['name']:<{width}}  {str(tuple(t['shape'])):<18} {t['dtype']:<8} {t['zeros']:>7.1%}  {mask}")
+    return "\n".join(lines)
+
+
+def diff(a: str, b: str) -> list[str]:
+    """Every blocker, one line each: missing tensors, shapes, dtypes, lineage.
+    An empty list means `merge fedavg A B` would average them."""
+    with Inputs([a, b]) as inputs:
+        sa, sb = inputs.sources
+        problems = []
+        ka, kb = sa.keys(), set(sb.keys())
+        for k in ka:
+            if k not in kb:
+                problems.append(f"tensor {k}: only in {a}")
+            else:
+                (sha, da), (shb, db) = sa.info(k), sb.info(k)
+                if sha != shb:
+                    problems.append(f"tensor {k}: shape {sha} in {a}, {shb} in {b}")
+                elif da != db:
+                    problems.append(f"tensor {k}: dtype {da} in {a}, {db} in {b}")
+        problems += [f"tensor {k}: only in {b}" for k in sb.keys() if k not in set(ka)]
+        if sa.lineage and sb.lineage and sa.lineage != sb.lineage:
+            problems.append(f"lineage: different initializations ({sa.lineage[:19]}... vs {sb.lineage[:19]}...); "
+                            "average only with --force, or use `merge ensemble`")
+        return problems

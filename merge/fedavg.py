@@ -1,0 +1,207 @@
+"""`merge fedavg`: the weighted average of models that share an initialization,
+streamed one tensor (or one slab of rows) at a time."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from trainer.checkpoint import package_versions
+from trainer.errors import UsageError
+
+from .aggregate import RULES, first_of, reprune
+from .inputs import Inputs
+from .output import WeightsWriter, check_output
+
+# Slabs bound memory by the slab, not the largest tensor; 64 MiB keeps numpy
+# and h5py calls large enough that per-call overhead does not show.
+SLAB_BYTES = 64 << 20
+WORSE_BY = 0.05  # accuracy points below the worst input that --data calls "clearly worse"
+
+
+@dataclass
+class Options:
+    inputs: list[str]
+    out: str
+    weights: list[float] | None = None
+    uniform: bool = False
+    force: bool = False
+    rule: str = "mean"
+    mask_policy: str | None = None
+    infer_masks: bool = False
+    target_sparsity: float | None = None
+    allow_nonfinite: bool = False
+    overwrite: bool = False
+    data: str | None = None
+    data_dir: str | None = None
+    quiet: bool = False
+    slab_bytes: int = SLAB_BYTES
+    warnings: list[str] = field(default_factory=list)
+
+
+def validate(o: Options) -> None:
+    if len(o.inputs) < 2:
+        raise UsageError("fedavg needs at least two inputs")
+    if o.target_sparsity is not None and not 0.0 <= o.target_sparsity < 1.0:
+        raise UsageError(f"--target-sparsity {o.target_sparsity}: must be in [0, 1)")
+    if o.weights is not None and o.uniform:
+        raise UsageError("--weights and --uniform contradict each other; pass one")
+    check_output(o.out, o.inputs, o.overwrite)
+
+
+def fedavg(o: Options) -> dict:
+    validate(o)
+    with Inputs(o.inputs) as inputs:
+        keys = inputs.check_tensors()
+        lineage = _check_lineage(inputs, o)
+        weights = _weights(inputs, o)
+        masked = any(s.has_mask(k) for s in inputs.sources for k in keys) or o.infer_masks
+        policy = o.mask_policy or "intersection"
+        if o.target_sparsity is not None and not masked:
+            raise UsageError("--target-sparsity re-prunes pruned inputs, and no input records masks; "
+                             "add --infer-masks to read exact zeros of a pruned .keras as its mask")
+        if inputs.config is None:
+            raise UsageError("no input records the model's architecture; add a .keras file or run directory")
+        writer = WeightsWriter(o.out, inputs.config)
+        try:
+            sparsity = _stream(inputs, keys, weights, RULES[o.rule](policy), writer, o)
+            manifest = {
+                "kind": "merge", "method": "fedavg", "rule": o.rule,
+                "mask_policy": policy if masked else None,
+                "model": inputs.sources[0].model_cfg, "lineage": lineage,
+                "samples_seen": sum(s.samples or 0 for s in inputs.sources),
+                "inputs": [{"path": s.path, "format": s.format, "weight": w, "samples_seen": s.samples,
+                            "lineage": s.lineage} for s, w in zip(inputs.sources, weights)],
+                "sparsity": sparsity, "versions": package_versions(), "step": 0,
+            }
+            check = _check_merged(writer, inputs, manifest, o) if o.data else None
+            writer.commit(manifest, o.overwrite)
+        except BaseException:
+            writer.abort()
+            raise
+    return {**manifest, "out": o.out, "check": check}
+
+
+def _check_lineage(inputs: Inputs, o: Options) -> str | None:
+    known = {s.path: s.lineage for s in inputs.sources if s.lineage}
+    if len(set(known.values())) > 1:
+        a, la = next((p, l) for p, l in known.items())
+        b, lb = next((p, l) for p, l in known.items() if l != la)
+        message = (f"{a} and {b} start from different initializations ({la[:19]}... vs {lb[:19]}...): "
+                   "independently trained networks put the same features in different units, so averaging "
+                   "their weights mixes unrelated units and gives a broken model; combine their predictions "
+                   f"with `python -m merge ensemble {a} {b} -o ensemble.keras`, or pass --force to average anyway")
+        if not o.force:
+            raise UsageError(message)
+        o.warnings.append("--force: averaging inputs with different initializations")
+    unknown = [s.path for s in inputs.sources if not s.lineage]
+    if unknown:
+        o.warnings.append(f"{', '.join(unknown)}: no recorded initialization (a plain Keras file); averaging is "
+                          "only meaningful if every input started from the same weights"
+                          + ("" if o.data else "; pass --data NAME to check the merged model against the inputs"))
+    if known and not unknown and len(set(known.values())) == 1:
+        return next(iter(known.values()))
+    return None
+
+
+def _weights(inputs: Inputs, o: Options) -> list[float]:
+    n = len(inputs.sources)
+    if o.weights is not None:
+        raw = list(o.weights)
+        if len(raw) != n:
+            raise UsageError(f"--weights has {len(raw)} values for {n} inputs")
+    elif o.uniform:
+        raw = [1.0] * n
+    else:
+        samples = [s.samples for s in inputs.sources]
+        if all(samples):
+            raw = [float(x) for x in samples]
+        elif not any(samples):
+            o.warnings.append("no input records how many samples it saw; weighting them equally")
+            raw = [1.0] * n
+        else:
+            missing = next(s.path for s in inputs.sources if not s.samples)
+            raise UsageError(f"{missing}: records no sample count while other inputs do; "
+                             "pass --weights or --uniform")
+    if any(w < 0 or not np.isfinite(w) for w in raw) or sum(raw) <= 0:
+        raise UsageError(f"--weights {','.join(map(str, raw))}: weights must be non-negative and not all zero")
+    total = sum(raw)
+    return [w / total for w in raw]
+
+
+def _stream(inputs: Inputs, keys, weights, rule, writer: WeightsWriter, o: Options) -> dict:
+    from tqdm import tqdm
+    sources = inputs.sources
+    sliceable = all(s.sliceable for s in sources) and o.target_sparsity is None
+    total = sum(_nbytes(*sources[0].info(k)) for k in keys) * len(sources)
+    pruned = kept = 0
+    per_tensor = {}
+    with tqdm(total=total, unit="B", unit_scale=True, desc="fedavg", disable=o.quiet or None,
+              file=sys.stderr, leave=False) as bar:
+        for key in keys:
+            shape, dtype = sources[0].info(key)
+            ds = writer.create(inputs.output_key(key), shape, dtype)
+            floating = np.issubdtype(dtype, np.floating)
+            tensor_pruned = tensor_masked = 0
+            for rows in _slabs(shape, dtype, o.slab_bytes if sliceable else None):
+                def reads():
+                    for s, w in zip(sources, weights):
+                        x = np.asarray(s.read(key, rows))
+                        if floating and not o.allow_nonfinite and not np.isfinite(x).all():
+                            raise UsageError(f"{s.path}: tensor {key} holds NaN or Inf; "
+                                             "fix the input or pass --allow-nonfinite")
+                        bar.update(x.nbytes)
+                        yield x, w, _mask_of(s, key, rows, x, o, floating)
+                values, keep = rule.combine(reads()) if floating else first_of(reads())
+                if o.target_sparsity is not None and keep is not None:
+                    values, keep = reprune(values, keep, o.target_sparsity)
+                ds[() if rows is None else rows] = values
+                if keep is not None:
+                    writer.write_mask(inputs.output_key(key), keep, rows)
+                    tensor_masked += keep.size
+                    tensor_pruned += int(keep.size - np.count_nonzero(keep))
+            if tensor_masked:
+                per_tensor[key] = tensor_pruned / tensor_masked
+                pruned += tensor_pruned
+                kept += tensor_masked
+    return {"overall": pruned / kept if kept else 0.0, "tensors": per_tensor}
+
+
+def _mask_of(s, key, rows, x, o: Options, floating: bool):
+    if s.has_mask(key):
+        return s.read_mask(key, rows)
+    if o.infer_masks and floating and x.ndim >= 2:
+        return x != 0
+    return None
+
+
+def _slabs(shape, dtype, slab_bytes):
+    n = _nbytes(shape, dtype)
+    if slab_bytes is None or not shape or n <= slab_bytes:
+        yield None
+        return
+    per_row = max(1, n // shape[0])
+    step = max(1, slab_bytes // per_row)
+    for start in range(0, shape[0], step):
+        yield slice(start, min(shape[0], start + step))
+
+
+def _nbytes(shape, dtype) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def _check_merged(writer: WeightsWriter, inputs: Inputs, manifest: dict, o: Options) -> dict:
+    """--data: measure the merged model beside its inputs before committing it."""
+    from .evaluate import evaluate
+    merged_dir = writer.stage(manifest)
+    rows = evaluate([s.path for s in inputs.sources] + [str(merged_dir)], o.data, o.data_dir)
+    merged, members = rows[-1], rows[:-1]
+    worst = min(r["accuracy"] for r in members)
+    result = {"merged_accuracy": merged["accuracy"], "worst_input_accuracy": worst,
+              "inputs": {r["path"]: r["accuracy"] for r in members}}
+    if merged["accuracy"] < worst - WORSE_BY and not o.force:
+        raise UsageError(f"the merged model scores {merged['accuracy']:.3f} on {o.data}, clearly below the worst "
+                         f"input's {worst:.3f}: the inputs most likely did not share an initialization; use "
+                         "`python -m merge ensemble` to combine their predictions (nothing was written)")
+    return result

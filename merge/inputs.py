@@ -1,0 +1,104 @@
+"""The inputs of a merge, opened together and checked against each other:
+one naming scheme, the same tensors, the same shapes, no input twice."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from trainer.errors import UsageError
+
+from .naming import VariableLayout
+from .sources import H5Source, Source, open_source
+
+
+class Inputs:
+    """Opened sources plus what a merge needs to know about them together."""
+
+    def __init__(self, paths: list[str]):
+        _refuse_duplicates(paths)
+        self.sources: list[Source] = []
+        try:
+            for p in paths:
+                self.sources.append(open_source(p))
+            self.config = next((s.config for s in self.sources if s.config is not None), None)
+            self._unify_names()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for s in self.sources:
+            s.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def family(self) -> str:
+        return self.sources[0].family
+
+    def _unify_names(self) -> None:
+        for s in self.sources:
+            if isinstance(s, H5Source) and s.needs_architecture:
+                if self.config is None:
+                    raise UsageError(f"{s.path}: a Keras weights file names its tensors by position only; "
+                                     "give a .keras file or run directory of the same model alongside it")
+                s.bind(self.config)
+        self.layout = None
+        families = {s.family for s in self.sources}
+        if families == {"keras"}:
+            return
+        if self.config is None:
+            raise UsageError(f"{self.sources[0].path}: no input records the model's architecture; "
+                             "add a .keras file or run directory of the same model")
+        self.layout = VariableLayout(self.config)
+        for s in self.sources:
+            if s.family == "keras":
+                s.rename(self.layout.var_of, "variables")
+
+    def output_key(self, key: str) -> str:
+        """The key's name in the Keras v3 scheme the output is written in."""
+        return key if self.layout is None else self.layout.key_of.get(key, key)
+
+    def check_tensors(self) -> list[str]:
+        """The keys every input has, in the first input's order; a one-line
+        error naming the file and the tensor for any difference."""
+        first = self.sources[0]
+        keys = first.keys()
+        if not keys:
+            raise UsageError(f"{first.path}: holds no model weights")
+        for s in self.sources[1:]:
+            theirs = set(s.keys())
+            for k in keys:
+                if k not in theirs:
+                    raise UsageError(f"{s.path}: tensor {k} is missing (present in {first.path}); "
+                                     "the inputs are not the same architecture")
+            ours = set(keys)
+            for k in s.keys():
+                if k not in ours:
+                    raise UsageError(f"{s.path}: tensor {k} is not in {first.path}; "
+                                     "the inputs are not the same architecture")
+            for k in keys:
+                (sa, da), (sb, db) = first.info(k), s.info(k)
+                if sa != sb:
+                    raise UsageError(f"{s.path}: tensor {k} has shape {sb}, {first.path} has {sa}; "
+                                     "the inputs are not the same architecture")
+                if da != db:
+                    raise UsageError(f"{s.path}: tensor {k} is {db}, {first.path} has {da}")
+        return keys
+
+
+def _refuse_duplicates(paths: list[str]) -> None:
+    seen: dict[str, str] = {}
+    for p in paths:
+        real = os.path.realpath(p)
+        if Path(p).exists():
+            for q, other in seen.items():
+                if other == real or (Path(q).exists() and os.path.samefile(q, p)):
+                    raise UsageError(f"{p} is given twice (also as {q}); each input counts once")
+        elif real in seen.values():
+            raise UsageError(f"{p} is given twice; each input counts once")
+        seen[p] = real

@@ -1,0 +1,361 @@
+"""Open any input a user may hand to merge, and read it one tensor at a time.
+
+Formats: trainer run/init/merge directories and their checkpoint directories,
+.keras files, Keras v3 .weights.h5, legacy Keras .h5, and TensorFlow checkpoint
+prefixes. Files are recognized by their first bytes, not their suffix, and a
+Python pickle is refused unread: unpickling runs whatever code the file holds.
+"""
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from trainer.errors import UsageError
+
+from .naming import KerasNames
+
+MANIFEST = "manifest.json"
+_ZIP, _HDF5 = b"PK\x03\x04", b"\x89HDF\r\n\x1a\n"
+
+
+class Source:
+    """One input. `keys()` are names in the source's `family` (see naming.py)."""
+
+    format = "?"
+    family = "keras"
+    sliceable = True
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.manifest: dict = {}
+        self.meta: dict = {}
+        self.config: dict | None = None
+        self._tensors: dict[str, object] = {}   # key -> what _read needs
+        self._masks: dict[str, object] = {}
+
+    # -- what a merge asks --------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def info(self, key) -> tuple[tuple, np.dtype]:
+        return self._info(self._tensors[key])
+
+    def read(self, key, rows: slice | None = None) -> np.ndarray:
+        try:
+            return self._read(self._tensors[key], rows)
+        except (OSError, ValueError, RuntimeError, KeyError, zipfile.BadZipFile) as e:
+            raise UsageError(f"{self.path}: tensor {key} cannot be read ({_first_line(e)}); "
+                             "the file is truncated or corrupt") from None
+
+    def has_mask(self, key) -> bool:
+        return key in self._masks
+
+    def read_mask(self, key, rows: slice | None = None) -> np.ndarray:
+        try:
+            return self._read(self._masks[key], rows)
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            raise UsageError(f"{self.path}: mask of {key} cannot be read ({_first_line(e)})") from None
+
+    @property
+    def lineage(self) -> str | None:
+        return self.manifest.get("lineage")
+
+    @property
+    def samples(self) -> int | None:
+        n = self.meta.get("samples_seen", self.manifest.get("samples_seen"))
+        return int(n) if n else None
+
+    @property
+    def model_cfg(self) -> dict | None:
+        return self.manifest.get("model")
+
+    def rename(self, mapping: dict[str, str], family: str) -> None:
+        """Re-key into another family; a key without a translation is kept
+        so that the merge's name check reports it."""
+        self._tensors = {mapping.get(k, k): v for k, v in self._tensors.items()}
+        self._masks = {mapping.get(k, k): v for k, v in self._masks.items()}
+        self.family = family
+
+    def close(self) -> None:
+        pass
+
+    # -- what a format provides ---------------------------------------------
+    def _info(self, handle):
+        raise NotImplementedError
+
+    def _read(self, handle, rows):
+        raise NotImplementedError
+
+
+class H5Source(Source):
+    """Keras v3 weights (inside a .keras, or a .weights.h5) or legacy Keras .h5."""
+
+    def __init__(self, path, fileobj=None, config=None, fmt="weights.h5"):
+        import h5py
+        super().__init__(path)
+        self.format = fmt
+        self.config = config
+        self._fileobj = fileobj
+        try:
+            self.h5 = h5py.File(fileobj if fileobj is not None else path, "r")
+        except OSError as e:
+            raise UsageError(f"{path}: not a readable HDF5 file ({_first_line(e)}); "
+                             "it is truncated or corrupt") from None
+        legacy = self.h5["model_weights"] if "model_weights" in self.h5 else self.h5
+        if "layer_names" in legacy.attrs:
+            self.family = "variables"
+            self.format = "legacy.h5"
+            for layer in legacy.attrs["layer_names"]:
+                group = legacy[_text(layer)]
+                for wname in group.attrs.get("weight_names", []):
+                    self._tensors[_text(wname).split(":")[0]] = group[_text(wname)]
+        else:
+            self._datasets: list[str] = []
+            self.h5.visititems(lambda name, obj: self._datasets.append(name)
+                               if isinstance(obj, h5py.Dataset) else None)
+            if config is not None:
+                self.bind(config)
+
+    @property
+    def needs_architecture(self) -> bool:
+        return self.family == "keras" and self.config is None
+
+    def bind(self, config: dict) -> None:
+        """Name a Keras v3 file's positional paths with a model config."""
+        self.config = config
+        names = KerasNames(config)
+        for path in self._datasets:
+            key = names.key(path)
+            if key is not None:
+                self._tensors[key] = self.h5[path]
+        self.h5_paths = {k: v.name.lstrip("/") for k, v in self._tensors.items()}
+
+    def _info(self, ds):
+        return tuple(ds.shape), ds.dtype
+
+    def _read(self, ds, rows):
+        if rows is None or ds.ndim == 0:
+            return ds[()]
+        return ds[rows]
+
+    def close(self):
+        self.h5.close()
+        if getattr(self, "_mask_file", None) is not None:
+            self._mask_file.close()
+        if self._fileobj is not None:
+            self._fileobj.close()
+
+
+class TFCheckpointSource(Source):
+    """A TensorFlow checkpoint prefix, named through its object graph.
+
+    The object graph records each variable's name at save time (full_name),
+    so no model has to be built. Optimizer slots and counters are not part of
+    the model and are left out; the trainer's pruning masks are read beside
+    the weights they belong to."""
+
+    format = "tf-checkpoint"
+    family = "variables"
+    sliceable = False  # the reader returns whole tensors
+
+    def __init__(self, prefix):
+        super().__init__(prefix)
+        import tensorflow as tf
+        from tensorflow.core.protobuf import trackable_object_graph_pb2
+        try:
+            self.reader = tf.train.load_checkpoint(str(prefix))
+            graph = trackable_object_graph_pb2.TrackableObjectGraph()
+            graph.ParseFromString(self.reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+        except Exception as e:  # TF raises several types for a damaged bundle
+            raise UsageError(f"{prefix}: not a readable TensorFlow checkpoint ({_first_line(e)})") from None
+        self._shapes = self.reader.get_variable_to_shape_map()
+        self._dtypes = self.reader.get_variable_to_dtype_map()
+        masks = {}
+        for section, full_name, key in _variables(graph):
+            if section == "pruning":
+                masks[full_name] = key
+            elif section not in ("optimizer", "frozen", "save_counter"):
+                self._tensors[full_name] = key
+        safe = {n.replace(":", "_").replace("/", "_") + "_0_mask": n for n in self._tensors}
+        self._masks = {safe[m]: k for m, k in masks.items() if m in safe}
+
+    def _info(self, key):
+        return tuple(self._shapes[key]), np.dtype(self._dtypes[key].as_numpy_dtype)
+
+    def _read(self, key, rows):
+        a = self.reader.get_tensor(key)
+        return a if rows is None else a[rows]
+
+
+def _variables(graph):
+    """(top-level child name, variable full name, checkpoint key) for every
+    variable reachable from the root's children, slots excluded."""
+    out, seen = [], set()
+
+    def walk(node_id, section):
+        if node_id in seen:
+            return
+        seen.add(node_id)
+        node = graph.nodes[node_id]
+        for attr in node.attributes:
+            if attr.name == "VARIABLE_VALUE":
+                out.append((section, attr.full_name, attr.checkpoint_key))
+        for child in node.children:
+            walk(child.node_id, section or child.local_name)
+
+    walk(0, "")
+    return out
+
+
+class _Window(io.RawIOBase):
+    """A read-only, seekable view of a stored (uncompressed) zip member.
+
+    h5py seeks all over a file; zipfile's member objects seek backwards by
+    re-reading from the start, which is quadratic on a GiB-sized model."""
+
+    def __init__(self, path, start, size):
+        self.f = open(path, "rb")
+        self.start, self.size, self.pos = start, size, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, offset, whence=0):
+        base = {0: 0, 1: self.pos, 2: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def tell(self):
+        return self.pos
+
+    def readinto(self, b):
+        n = max(0, min(len(b), self.size - self.pos))
+        self.f.seek(self.start + self.pos)
+        got = self.f.readinto(memoryview(b)[:n])
+        self.pos += got
+        return got
+
+    def close(self):
+        self.f.close()
+        super().close()
+
+
+def open_keras(path) -> H5Source:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+            if not {"config.json", "model.weights.h5"} <= names:
+                raise UsageError(f"{path}: a zip without config.json and model.weights.h5; not a .keras model")
+            config = json.loads(zf.read("config.json"))
+            metadata = json.loads(zf.read("metadata.json")) if "metadata.json" in names else {}
+            member = zf.getinfo("model.weights.h5")
+            if member.compress_type == zipfile.ZIP_STORED:
+                with open(path, "rb") as f:
+                    f.seek(member.header_offset)
+                    head = f.read(30)
+                    name_len, extra_len = struct.unpack("<HH", head[26:30])
+                start = member.header_offset + 30 + name_len + extra_len
+                fileobj = _Window(path, start, member.file_size)
+            else:  # Keras writes stored members; a re-zipped file is read in memory
+                fileobj = io.BytesIO(zf.read("model.weights.h5"))
+    except (zipfile.BadZipFile, EOFError, ValueError, KeyError) as e:
+        raise UsageError(f"{path}: not a readable .keras file ({_first_line(e)}); "
+                         "it is truncated or corrupt") from None
+    src = H5Source(path, fileobj=fileobj, config=config, fmt="keras")
+    recorded = metadata.get("dptoolkit") if isinstance(metadata, dict) else None
+    if isinstance(recorded, dict):  # a .keras written by merge
+        src.manifest = recorded
+    return src
+
+
+def _sniff(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(8)
+
+
+def open_source(path) -> Source:
+    """The Source for a path, or a one-line UsageError naming it."""
+    p = Path(path)
+    if p.is_dir():
+        return _open_dir(p)
+    if not p.exists():
+        if Path(f"{path}.index").exists():
+            return TFCheckpointSource(path)
+        raise UsageError(f"{path}: no such file, directory or checkpoint prefix")
+    head = _sniff(p)
+    if head.startswith(_ZIP):
+        return open_keras(p)
+    if head.startswith(_HDF5):
+        return H5Source(p)  # H5Source tells v3 from legacy
+    if head[:1] == b"\x80" and 2 <= head[1:2][0] <= 5:
+        raise UsageError(f"{path}: a Python pickle; merge never unpickles files, since loading one "
+                         "runs any code it contains. Save the model with model.save('x.keras')")
+    if p.suffix == ".index":
+        return TFCheckpointSource(str(p)[:-len(".index")])
+    raise UsageError(f"{path}: not a format merge reads (expected a run directory, .keras, "
+                     ".weights.h5 or a TensorFlow checkpoint prefix)")
+
+
+def _open_dir(p: Path) -> Source:
+    from trainer.checkpoint import checkpoint_of, read_manifest
+    if (p / "state.index").exists():  # RUN/checkpoints/ckpt-N
+        src = TFCheckpointSource(str(p / "state"))
+        run = p.parent.parent
+        src.manifest = read_manifest(run) if (run / MANIFEST).exists() else {}
+        src.meta = _read_json(p / "meta.json")
+        src.format = "trainer checkpoint"
+        _attach_config(src, run)
+        return src
+    manifest = read_manifest(p)
+    if manifest.get("kind") == "merge":
+        src = H5Source(p / "model.weights.h5", config=_read_json(p / "config.json"), fmt="merge dir")
+        src.path = str(p)
+        if (p / "masks.h5").exists():
+            import h5py
+            src._mask_file = h5py.File(p / "masks.h5", "r")
+            src._masks = {k: src._mask_file[k.replace("/", "|")] for k in src._tensors
+                          if k.replace("/", "|") in src._mask_file}
+        src.manifest = manifest
+        return src
+    prefix, meta = checkpoint_of(p)
+    src = TFCheckpointSource(prefix)
+    src.path, src.manifest, src.meta, src.format = str(p), manifest, meta, f"trainer {manifest.get('kind', 'run')}"
+    _attach_config(src, p)
+    return src
+
+
+def _attach_config(src: Source, run: Path) -> None:
+    """The architecture of a trainer run: its exported model's config, or the
+    model rebuilt from the manifest when the run has not finished."""
+    exported = run / "model.keras"
+    if exported.exists():
+        with zipfile.ZipFile(exported) as zf:
+            src.config = json.loads(zf.read("config.json"))
+    elif src.model_cfg:
+        from .naming import config_from_model_cfg
+        src.config = config_from_model_cfg(src.model_cfg)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{path}: missing") from None
+    except ValueError as e:
+        raise UsageError(f"{path}: corrupt JSON ({e})") from None
+
+
+def _text(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
