@@ -52,6 +52,11 @@ def layer_prefixes(config: dict) -> dict[str, str]:
             out[h5] = name
             if layer["class_name"] in _MODEL_CLASSES:
                 walk(layer, h5 + "/", name + "/")
+            # A wrapper (TimeDistributed, Bidirectional) keeps its inner layer
+            # under the attribute its config names; a model there has its own list.
+            for attr, inner in (layer.get("config") or {}).items():
+                if isinstance(inner, dict) and inner.get("class_name") in _MODEL_CLASSES:
+                    walk(inner, f"{h5}/{attr}/", f"{name}/{attr}/")
 
     walk(config, "", "")
     return out

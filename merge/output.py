@@ -31,8 +31,11 @@ def check_output(out, inputs, overwrite: bool) -> Path:
     out = Path(out)
     resolved = out.resolve()
     for path in inputs:
-        if Path(path).resolve() == resolved:
+        p = Path(path).resolve()
+        if p == resolved:
             raise UsageError(f"-o {out} is also an input; write the merge somewhere else")
+        if resolved in p.parents:  # replacing the directory would delete the input
+            raise UsageError(f"-o {out} contains the input {path}; write the merge somewhere else")
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise UsageError(f"-o {out} already exists; pass --overwrite to replace it or choose another path")

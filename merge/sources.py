@@ -295,7 +295,7 @@ def open_source(path) -> Source:
         return open_keras(p)
     if head.startswith(_HDF5):
         return H5Source(p)  # H5Source tells v3 from legacy
-    if head[:1] == b"\x80" and 2 <= head[1:2][0] <= 5:
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         raise UsageError(f"{path}: a Python pickle; merge never unpickles files, since loading one "
                          "runs any code it contains. Save the model with model.save('x.keras')")
     if p.suffix == ".index":

@@ -156,7 +156,11 @@ def checkpoint_of(run_dir) -> tuple[str, dict]:
     ckpt = run_dir / "checkpoints" / name
     if not (ckpt / "state.index").exists():
         raise UsageError(f"{ckpt}: checkpoint named by the manifest is missing")
-    meta = json.loads((ckpt / "meta.json").read_text())
+    try:
+        meta = json.loads((ckpt / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{ckpt / 'meta.json'}: unreadable ({e.__class__.__name__}); "
+                         "the checkpoint is damaged, restore it or pick an earlier one") from None
     return str(ckpt / "state"), meta
 
 
