@@ -17,6 +17,9 @@ MASK_POLICIES = ("intersection", "union", "renormalize")
 
 class Rule:
     name = "?"
+    # A streaming rule is done with each input before asking for the next,
+    # so the caller may refill one buffer for every input.
+    streaming = True
 
     def combine(self, reads: Reads) -> tuple[np.ndarray, "np.ndarray | None"]:
         """(merged values, merged keep-mask or None when no input had one).

@@ -134,9 +134,12 @@ def _stream(inputs: Inputs, keys, weights, rule, writer: WeightsWriter, o: Optio
     from tqdm import tqdm
     sources = inputs.sources
     sliceable = all(s.sliceable for s in sources) and o.target_sparsity is None
-    total = sum(_nbytes(*sources[0].info(k)) for k in keys) * len(sources)
+    out_bytes = sum(_nbytes(*sources[0].info(k)) for k in keys)
+    writer.reserve(out_bytes)
+    total = out_bytes * len(sources)
     pruned = kept = 0
     per_tensor = {}
+    buffers = _Buffers(o.slab_bytes if sliceable and rule.streaming else 0)
     with tqdm(total=total, unit="B", unit_scale=True, desc="fedavg", disable=o.quiet or None,
               file=sys.stderr, leave=False) as bar:
         for key in keys:
@@ -145,10 +148,14 @@ def _stream(inputs: Inputs, keys, weights, rule, writer: WeightsWriter, o: Optio
             floating = np.issubdtype(dtype, np.floating)
             tensor_pruned = tensor_masked = 0
             for rows in _slabs(shape, dtype, o.slab_bytes if sliceable else None):
+                slab = shape if rows is None else (rows.stop - rows.start, *shape[1:])
+
                 def reads():
-                    for s, w in zip(sources, weights):
-                        x = np.asarray(s.read(key, rows))
-                        if floating and not o.allow_nonfinite and not np.isfinite(x).all():
+                    for i, (s, w) in enumerate(zip(sources, weights)):
+                        # The first input's buffer becomes the rule's accumulator,
+                        # the second is refilled by every later input.
+                        x = np.asarray(s.read(key, rows, out=buffers.get(i > 0, slab, dtype)))
+                        if floating and not o.allow_nonfinite and not buffers.finite(x):
                             raise UsageError(f"{s.path}: tensor {key} holds NaN or Inf; "
                                              "fix the input or pass --allow-nonfinite")
                         bar.update(x.nbytes)
@@ -166,6 +173,34 @@ def _stream(inputs: Inputs, keys, weights, rule, writer: WeightsWriter, o: Optio
                 pruned += tensor_pruned
                 kept += tensor_masked
     return {"overall": pruned / kept if kept else 0.0, "tensors": per_tensor}
+
+
+class _Buffers:
+    """Two reusable slab buffers, and a scratch for the finiteness check.
+
+    Reading into fresh arrays cost as much as the merge itself: every new
+    page of a fresh array faults on first touch (1.7 GB/s against 6 GB/s
+    from the page cache into warm memory)."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self.pool: dict = {}
+
+    def get(self, second: bool, shape, dtype):
+        n = int(np.prod(shape, dtype=np.int64))
+        dtype = np.dtype(dtype)
+        if not self.nbytes or n * dtype.itemsize > self.nbytes or not np.issubdtype(dtype, np.floating):
+            return None
+        key = (second, dtype)
+        if key not in self.pool:
+            self.pool[key] = np.empty(self.nbytes // dtype.itemsize, dtype)
+        return self.pool[key][:n].reshape(shape)
+
+    def finite(self, x: np.ndarray) -> bool:
+        if "finite" not in self.pool or self.pool["finite"].size < x.size:
+            self.pool["finite"] = np.empty(max(x.size, self.nbytes // 4), bool)
+        scratch = self.pool["finite"][:x.size].reshape(x.shape)
+        return bool(np.isfinite(x, out=scratch).all())
 
 
 def _mask_of(s, key, rows, x, o: Options, floating: bool):

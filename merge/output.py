@@ -52,10 +52,20 @@ class WeightsWriter:
         self.config = {k: v for k, v in config.items() if k != "compile_config"}  # optimizer dropped
         self.names = KerasNames(self.config)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the output private
         self.h5 = h5py.File(self.tmp / "model.weights.h5", "w")
         for group in self.names.groups():
             self.h5.require_group(group)
         self.masks = None
+
+    def reserve(self, nbytes: int) -> None:
+        """Allocate the weights' disk blocks up front. Writing a new file block
+        by block cost ext4 here about 10x the copy itself (400 MB/s against
+        4+ GB/s into allocated blocks). Only the tensors' bytes are reserved:
+        the file ends up larger by its metadata, so nothing is left over."""
+        _preallocate(self.tmp / "model.weights.h5", nbytes)
 
     def create(self, key: str, shape, dtype):
         try:
@@ -112,10 +122,21 @@ class WeightsWriter:
                     "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S"),
                     "dptoolkit": {k: manifest.get(k) for k in ("kind", "lineage", "samples_seen", "model")}}
         with zipfile.ZipFile(zipped, "w", allowZip64=True) as zf:
+            _preallocate(zipped, (self.tmp / "model.weights.h5").stat().st_size)
             zf.writestr("metadata.json", json.dumps(metadata))
             zf.writestr("config.json", json.dumps(self.config))
             zf.write(self.tmp / "model.weights.h5", "model.weights.h5")
         return zipped
+
+
+def _preallocate(path: Path, nbytes: int) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError:
+        pass  # a file system without fallocate: the same bytes, only slower
+    finally:
+        os.close(fd)
 
 
 def _replace(new: Path, out: Path, overwrite: bool) -> None:
