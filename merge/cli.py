@@ -96,10 +96,10 @@ def cmd_fedavg(a) -> int:
 def cmd_ensemble(a) -> int:
     from .ensemble import write_ensemble
     s = write_ensemble(a.inputs, a.out, a.method, a.weights, a.overwrite)
-    print(f"ensemble ({a.method}) of {len(a.inputs)} members -> {a.out}")
-    for k, v in s.items():
-        if k not in ("members",):
-            print(f"  {k}: {v}")
+    print(f"ensemble ({a.method}) of {len(a.inputs)} members -> {a.out}: input {tuple(s['input_shape'])}, "
+          f"{s['num_classes']} classes, {s['params']:,} parameters")
+    for path, kind, w in zip(s["members"], s["kinds"], s["weights"]):
+        print(f"  {path}  weight {w:.4f}  {kind}")
     return 0
 
 

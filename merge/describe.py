@@ -5,18 +5,22 @@ from __future__ import annotations
 import numpy as np
 
 from .inputs import Inputs
+from .naming import VariableLayout
 from .sources import open_source
 
 
 def inspect(path: str) -> dict:
     src = open_source(path)
     try:
+        # Keras v3 files name tensors by position inside a layer; show the
+        # variable names too (this builds the model in graph mode, no weights).
+        variables = VariableLayout(src.config).var_of if src.family == "keras" and src.config else {}
         tensors = []
         for key in src.keys():
             shape, dtype = src.info(key)
             x = np.asarray(src.read(key))  # one tensor at a time
             zeros = int(x.size - np.count_nonzero(x))
-            row = {"name": key, "shape": list(shape), "dtype": str(dtype), "params": int(x.size),
+            row = {"name": key, "variable": variables.get(key, key), "shape": list(shape), "dtype": str(dtype), "params": int(x.size),
                    "zeros": zeros / x.size if x.size else 0.0, "masked": src.has_mask(key)}
             if src.has_mask(key):
                 row["pruned"] = float(1.0 - (np.asarray(src.read_mask(key)) > 0).mean())
@@ -34,11 +38,14 @@ def format_inspect(info: dict) -> str:
              f"{info['params']:,} parameters in {len(info['tensors'])} tensors",
              f"lineage: {info['lineage'] or 'unknown (no manifest)'}",
              f"samples seen: {info['samples_seen'] if info['samples_seen'] is not None else 'unknown'}"]
-    width = max(len(t["name"]) for t in info["tensors"]) if info["tensors"] else 4
+    def label(t):
+        return t["name"] if t["variable"] == t["name"] else f"{t['name']} ({t['variable']})"
+
+    width = max(len(label(t)) for t in info["tensors"]) if info["tensors"] else 6
     lines.append(f"{'tensor':<{width}}  {'shape':<18} {'dtype':<8} {'zeros':>7}  mask")
     for t in info["tensors"]:
         mask = f"pruned {t['pruned']:.1%}" if t["masked"] else "-"
-        lines.append(f"{t['name']:<{width}}  {str(tuple(t['shape'])):<18} {t['dtype']:<8} {t['zeros']:>7.1%}  {mask}")
+        lines.append(f"{label(t):<{width}}  {str(tuple(t['shape'])):<18} {t['dtype']:<8} {t['zeros']:>7.1%}  {mask}")
     return "\n".join(lines)
 
 
