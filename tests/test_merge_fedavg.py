@@ -129,6 +129,19 @@ def test_explicit_weights_override_the_sample_counts(clients):
     assert [i["weight"] for i in manifest(d / "m_31")["inputs"]] == [0.75, 0.25]
 
 
+def test_a_run_that_never_exported_is_merged_from_its_checkpoint(clients):
+    """A run stopped before its final export has no model.keras; its
+    architecture comes from the manifest, its weights from the checkpoint."""
+    import shutil
+    d = clients
+    shutil.copytree(d / "a", d / "a_unfinished", ignore=shutil.ignore_patterns("model.keras"))
+    ok(merge("fedavg", "a_unfinished", "b", "-o", "m_unfinished.keras", cwd=d))
+    ok(merge("fedavg", "a", "b", "-o", "m_finished.keras", cwd=d))
+    got, want = merged_weights(d / "m_unfinished.keras"), merged_weights(d / "m_finished.keras")
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
 def test_different_initializations_are_refused_and_pointed_to_ensemble(clients):
     d = clients
     proc = merge("fedavg", "a", "outsider", "-o", "m_bad", cwd=d)
