@@ -140,3 +140,18 @@ def test_bad_client(client, clients):
 def test_non_integer_labels():
     with pytest.raises(UsageError, match="integer"):
         client_indices(labels().astype(float), 0, 2, "iid", 0)
+
+
+def test_split_seed_lets_clients_train_with_their_own_seed():
+    """Clients with different --seed but one --split-seed hold disjoint shares
+    that cover the training set; without it their shares would overlap."""
+    from trainer.job import Options, load_data
+
+    def rows(seed, client, split_seed=None):
+        data = load_data(Options(data="digits", seed=seed, client=client, clients=2, split="iid",
+                                 split_seed=split_seed), "digits_cnn")
+        return {r.tobytes() for r in data.x_train}
+
+    a, b = rows(1, 0, split_seed=7), rows(2, 1, split_seed=7)
+    assert not a & b and len(a | b) == len(rows(0, 0, 7) | rows(0, 1, 7))
+    assert rows(1, 0) & rows(2, 1)  # each client's own seed: overlapping shares

@@ -48,6 +48,7 @@ def train_parser() -> argparse.ArgumentParser:
     a("--client", type=int, help="federated: this client's index")
     a("--clients", type=int, help="federated: number of clients")
     a("--split", default="iid", help="iid | dirichlet:ALPHA | classes:C (default iid)")
+    a("--split-seed", type=int, help="seed of the client split (default --seed); the same for every client")
     a("--dropout", type=float, default=0.0, help="lstm: input dropout")
     a("--recurrent-dropout", type=float, default=0.0, help="lstm: recurrent dropout")
     a("--quiet", action="store_true", help="no progress bar")

@@ -44,6 +44,7 @@ class Options:
     client: int | None = None
     clients: int | None = None
     split: str = "iid"
+    split_seed: int | None = None
     dropout: float = 0.0
     recurrent_dropout: float = 0.0
     quiet: bool = False
@@ -110,13 +111,19 @@ def default_out(model: str, data: str) -> str:
     return str(Path("runs") / f"{model.replace(':', '.')}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
+def _split_seed(o: Options) -> int:
+    # Clients of one federation must draw the same split, yet may train with
+    # their own --seed (their own initialization or data order).
+    return o.seed if o.split_seed is None else o.split_seed
+
+
 def load_data(o: Options, model: str):
     from .data import load_dataset
     from .splits import client_indices
     shape = SYNTHETIC_SHAPES.get(model, DEFAULT_SYNTHETIC_SHAPE)
     data = load_dataset(o.data, o.data_dir, synthetic_shape=shape, seed=o.seed)
     if o.clients is not None:
-        idx = client_indices(data.y_train, o.client, o.clients, o.split, o.seed, num_classes=data.num_classes)
+        idx = client_indices(data.y_train, o.client, o.clients, o.split, _split_seed(o), num_classes=data.num_classes)
         if len(idx) == 0:
             raise UsageError(f"client {o.client} of {o.clients} gets no samples under --split {o.split}")
         data = type(data)(data.name, data.x_train[idx], data.y_train[idx], data.x_test, data.y_test,
@@ -209,7 +216,8 @@ def _restore(o: Options, plan: dict, model, checkpoint):
 
 def _run_manifest(o: Options, plan: dict, backend, data, model_cfg: dict, lineage: str) -> dict:
     from . import checkpoint as ck
-    split = None if o.clients is None else {"client": o.client, "clients": o.clients, "spec": o.split, "seed": o.seed}
+    split = None if o.clients is None else {"client": o.client, "clients": o.clients, "spec": o.split,
+                                            "seed": _split_seed(o)}
     manifest = {
         "kind": "run",
         "model": model_cfg,
