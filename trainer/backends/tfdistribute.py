@@ -97,6 +97,8 @@ def mirrored(devices: int) -> StrategyBackend:
 
 def multiworker() -> StrategyBackend:
     raw = os.environ.get("TF_CONFIG")
+    if not raw and "SLURM_PROCID" in os.environ and "SLURM_STEP_NODELIST" in os.environ:
+        raw = os.environ["TF_CONFIG"] = _tf_config_from_slurm()
     if not raw:
         raise UsageError("--backend multiworker needs TF_CONFIG (cluster.worker list and task index); "
                          "see README 'tf.distribute'")
@@ -110,6 +112,27 @@ def multiworker() -> StrategyBackend:
         implementation=tf.distribute.experimental.CommunicationImplementation.RING)
     strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     return StrategyBackend(strategy, "multiworker", rank=index, size=len(workers))
+
+
+def _tf_config_from_slurm() -> str:
+    """TF_CONFIG for this srun task: workers are the step's tasks, host by host.
+
+    Written here because TensorFlow's SlurmClusterResolver divides each node's
+    GPUs among its tasks and fails on CPU-only nodes (a zero range step). Ports
+    start from a base derived from the job id, so two jobs sharing a node do
+    not collide."""
+    import subprocess
+    nodelist = os.environ["SLURM_STEP_NODELIST"]
+    hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                           check=True).stdout.split()
+    per_node = []
+    for part in os.environ["SLURM_STEP_TASKS_PER_NODE"].split(","):  # e.g. "2(x3),1"
+        count, _, repeat = part.partition("(x")
+        per_node += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    base = 20000 + (int(os.environ.get("SLURM_JOB_ID", "0")) * 16) % 30000
+    workers = [f"{host}:{base + i}" for host, n in zip(hosts, per_node) for i in range(n)]
+    return json.dumps({"cluster": {"worker": workers},
+                       "task": {"type": "worker", "index": int(os.environ["SLURM_PROCID"])}})
 
 
 def configure_logical_devices(devices: int) -> None:

@@ -1,0 +1,124 @@
+"""`python -m launch slurm ... -- COMMAND`."""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from trainer.errors import OneLineParser, UsageError
+
+from . import slurm
+
+
+def parser() -> OneLineParser:
+    p = OneLineParser(prog="python -m launch", description="Run the trainer on Slurm, on several hosts "
+                      "with horovodrun, or as federated rounds.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    s = sub.add_parser("slurm", help="render, submit and (with --wait) follow an sbatch job",
+                       description="python -m launch slurm --nodes N --tasks-per-node T [--wait] -- python -m trainer ...")
+    s.add_argument("--nodes", type=int, default=1)
+    s.add_argument("--tasks-per-node", type=int, default=1, help="ranks per node (one per GPU on GPU nodes)")
+    s.add_argument("--gpus-per-node", type=int, default=0)
+    s.add_argument("--partition")
+    s.add_argument("--time", help="wall-clock limit, [D-]HH:MM:SS")
+    s.add_argument("--job-name", default="dptoolkit")
+    s.add_argument("--mode", default="srun", choices=slurm.MODES,
+                   help="srun: srun --mpi=pmix (Horovod over MPI, or --backend multiworker); "
+                        "horovodrun: horovodrun --gloo over the allocation's hosts")
+    s.add_argument("--output", default="slurm-%j.out", help="job log (sbatch --output pattern)")
+    s.add_argument("--workdir", default=".", help="the job's working directory (default: here)")
+    s.add_argument("--wait", action="store_true", help="follow the job, stream its log, exit with its status")
+    s.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    s.add_argument("cmd", nargs="*", help="the command, after --")
+
+    h = sub.add_parser("horovod", help="horovodrun on several hosts",
+                       description="python -m launch horovod -H host1:4,host2:4 -- python -m trainer ... "
+                       "Every host needs the same environment at the same path, and passwordless ssh from this "
+                       "one; hosts that resolve to this machine are started without ssh.")
+    where = h.add_mutually_exclusive_group(required=True)
+    where.add_argument("-H", "--hosts", help="host:slots[,host:slots...]")
+    where.add_argument("--hostfile", help="lines of 'host slots=N'")
+    h.add_argument("--np", type=int, help="ranks (default: all slots)")
+    h.add_argument("--controller", default="gloo", choices=("gloo", "mpi"))
+    h.add_argument("--ssh-port", type=int)
+    h.add_argument("--print", action="store_true", help="print the horovodrun command, run nothing")
+    h.add_argument("cmd", nargs="*", help="the command, after --")
+
+    f = sub.add_parser("federated", help="rounds of local training and FedAvg",
+                       description="Each round, every client trains from the global checkpoint on its own "
+                       "share, then merge fedavg makes the next global checkpoint. Extra trainer flags go after --.")
+    f.add_argument("--clients", type=int, required=True)
+    f.add_argument("--rounds", type=int, required=True)
+    f.add_argument("--local-epochs", type=int, default=1)
+    f.add_argument("--split", default="iid", help="iid | dirichlet:ALPHA | classes:C")
+    f.add_argument("--out", required=True, help="a new directory: init/, round-NNN/client-K/, round-NNN/global/")
+    f.add_argument("--model", default="digits_cnn")
+    f.add_argument("--data", default="digits")
+    f.add_argument("--data-dir")
+    f.add_argument("--seed", type=int, default=0, help="seed of the split and the init")
+    f.add_argument("--init", help="start from this checkpoint instead of a fresh init")
+    f.add_argument("--np", type=int, default=1, help="ranks per client (horovodrun --gloo inside each client)")
+    f.add_argument("--quiet", action="store_true")
+    f.add_argument("cmd", nargs="*", help="extra trainer flags, after --")
+    return p
+
+
+def cmd_slurm(a) -> int:
+    job = slurm.Job(command=a.cmd, nodes=a.nodes, tasks_per_node=a.tasks_per_node,
+                    gpus_per_node=a.gpus_per_node, partition=a.partition, time=a.time, mode=a.mode,
+                    job_name=a.job_name, output=a.output, workdir=a.workdir)
+    script = slurm.render(job)
+    if a.dry_run:
+        print(script, end="")
+        return 0
+    job_id = slurm.submit(script, a.workdir)
+    print(f"submitted job {job_id} ({job.tasks} tasks on {job.nodes} node(s), {job.mode})", flush=True)
+    if not a.wait:
+        return 0
+    log = Path(a.workdir) / a.output.replace("%j", str(job_id)) if "%" not in a.output.replace("%j", "") else None
+    status = slurm.follow(job_id, log)
+    print(f"job {job_id} ended with exit status {status}", file=sys.stderr)
+    return status
+
+
+def cmd_horovod(a) -> int:
+    from .horovod import horovodrun_command, run
+    from .hosts import parse_hosts, read_hostfile
+    hosts = parse_hosts(a.hosts) if a.hosts is not None else read_hostfile(a.hostfile)
+    cmd = horovodrun_command(hosts, a.cmd, a.np, a.controller, a.ssh_port)
+    print(shlex.join(cmd), flush=True)
+    return 0 if a.print else run(cmd)
+
+
+def cmd_federated(a) -> int:
+    from .federated import Plan, format_table, run
+    plan = Plan(out=Path(a.out), clients=a.clients, rounds=a.rounds, local_epochs=a.local_epochs, split=a.split,
+                model=a.model, data=a.data, data_dir=a.data_dir, seed=a.seed, np=a.np, init=a.init,
+                trainer_args=a.cmd, quiet=a.quiet)
+    try:
+        rows = run(plan, log=lambda line: print(line, flush=True))
+    except RuntimeError as e:  # a client or merge failed: its own message says why
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(format_table(rows))
+    print(f"wrote {plan.out / 'rounds.csv'} and {plan.out / 'rounds.png'}")
+    return 0
+
+
+COMMANDS = {"slurm": cmd_slurm, "horovod": cmd_horovod, "federated": cmd_federated}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        # Everything after `--` is the job's command, flags included.
+        cmd = argv[argv.index("--") + 1:] if "--" in argv else []
+        head = argv[:argv.index("--")] if "--" in argv else argv
+        args = parser().parse_args(head)
+        args.cmd = cmd or getattr(args, "cmd", [])
+        return COMMANDS[args.command](args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
