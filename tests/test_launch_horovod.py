@@ -44,3 +44,45 @@ def test_bad_host_lists(tmp_path, args, needle):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], \
         proc.stderr
+
+
+def test_a_killed_rank_ends_the_job_and_resume_continues(tmp_path):
+    """SIGKILL rank 1 after the first checkpoint: the job exits non-zero within
+    60 s naming rank 1; the same command with --resume continues from the last
+    checkpoint and ends with identical replicas."""
+    import json
+    import subprocess
+    import time
+
+    import psutil
+
+    from conftest import cli_env
+    cmd = [sys.executable, "-m", "launch", "horovod", "-H", "localhost:2", "--", sys.executable, "-m", "trainer",
+           "--model", "mlp", "--epochs", "6", "--save-every-steps", "10", "--out", "run", "--quiet"]
+    job = subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    manifest_path = tmp_path / "run" / "manifest.json"
+    deadline = time.time() + 240
+    while not (manifest_path.exists() and json.loads(manifest_path.read_text()).get("latest")):
+        assert job.poll() is None and time.time() < deadline, "no checkpoint before the job ended"
+        time.sleep(0.2)
+    victims = []
+    for p in psutil.Process(job.pid).children(recursive=True):
+        try:
+            if p.environ().get("HOROVOD_RANK") == "1" and "trainer" in " ".join(p.cmdline()):
+                victims.append(p)
+        except psutil.Error:
+            pass
+    assert victims, "rank 1 not found"
+    victims[0].kill()
+    killed = time.time()
+    out, err = job.communicate(timeout=60)
+    assert time.time() - killed < 60
+    assert job.returncode != 0
+    assert "error: lost rank 1 (killed by signal 9)" in err, err[-2000:]
+    latest = json.loads(manifest_path.read_text())["latest"]
+    step = int(latest.split("-")[1])
+    proc = ok(run(cmd[:-1] + ["--resume", "--quiet"], cwd=tmp_path))
+    assert f"resuming at step {step}" in proc.stdout
+    m = manifest(tmp_path / "run")
+    assert m["epoch"] == 6 and len(set(m["final"]["replica_fingerprints"])) == 1
