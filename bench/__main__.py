@@ -1,10 +1,11 @@
-"""python -m bench [scaling|pruning] [flags]: run benchmarks (all without a
+"""python -m bench [scaling|pruning|fedavg|merge] [flags]: run benchmarks (all without a
 name) and record each in its section of docs/benchmarks.md."""
 import sys
 
-from . import pruning, scaling
+from . import fedavg_evidence, merge_stream, pruning, scaling
 
-BENCHMARKS = {"scaling": scaling.main, "pruning": pruning.main}
+BENCHMARKS = {"scaling": scaling.main, "pruning": pruning.main, "fedavg": fedavg_evidence.main,
+              "merge": merge_stream.main}
 
 if __name__ == "__main__":
     args = sys.argv[1:]
