@@ -23,7 +23,6 @@ the inputs from the page cache (posix_fadvise DONTNEED).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
@@ -207,44 +206,15 @@ def clean(*paths) -> None:
 
 # -- checking the results ----------------------------------------------------
 
-class _Member(io.RawIOBase):
-    """A stored zip member as a read-only file, for h5py."""
+def _open_weights(path: Path):
+    """A .keras's weights through zipfile's own member object, not merge's
+    readers, so that the check is independent (slow backward seeks on
+    Python 3.11, fine for a few tensors)."""
+    import zipfile
 
-    def __init__(self, path, name):
-        super().__init__()
-        import struct
-        import zipfile
-        with zipfile.ZipFile(path) as zf:
-            info = zf.getinfo(name)
-        self.f = open(path, "rb")
-        self.f.seek(info.header_offset)
-        head = self.f.read(30)
-        n, m = struct.unpack("<HH", head[26:30])
-        self.start, self.size, self.pos = info.header_offset + 30 + n + m, info.file_size, 0
-
-    def readable(self):
-        return True
-
-    def seekable(self):
-        return True
-
-    def seek(self, offset, whence=0):
-        self.pos = {0: 0, 1: self.pos, 2: self.size}[whence] + offset
-        return self.pos
-
-    def tell(self):
-        return self.pos
-
-    def readinto(self, b):
-        n = max(0, min(len(b), self.size - self.pos))
-        self.f.seek(self.start + self.pos)
-        got = self.f.readinto(memoryview(b)[:n])
-        self.pos += got
-        return got
-
-    def close(self):
-        self.f.close()
-        super().close()
+    import h5py
+    member = zipfile.ZipFile(path).open("model.weights.h5")
+    return h5py.File(member, "r"), member
 
 
 def read_tensor(path: Path, dataset: str):
@@ -253,24 +223,18 @@ def read_tensor(path: Path, dataset: str):
     if path.is_dir():
         with h5py.File(path / "model.weights.h5", "r") as h5:
             return h5[dataset][()]
-    member = _Member(path, "model.weights.h5")
-    try:
-        with h5py.File(member, "r") as h5:
-            return h5[dataset][()]
-    finally:
-        member.close()
+    h5, member = _open_weights(path)
+    with h5, member:
+        return h5[dataset][()]
 
 
 def largest_dataset(path: Path) -> tuple[str, tuple]:
     import h5py
-    member = _Member(path, "model.weights.h5")
     found = []
-    try:
-        with h5py.File(member, "r") as h5:
-            h5.visititems(lambda name, obj: found.append((obj.size, name, obj.shape))
-                          if isinstance(obj, h5py.Dataset) else None)
-    finally:
-        member.close()
+    h5, member = _open_weights(path)
+    with h5, member:
+        h5.visititems(lambda name, obj: found.append((obj.size, name, obj.shape))
+                      if isinstance(obj, h5py.Dataset) else None)
     _, name, shape = max(found)
     return name, shape
 
