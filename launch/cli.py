@@ -5,7 +5,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from trainer.errors import OneLineParser, UsageError
+from trainer.errors import OneLineParser, run_cli
 
 from . import slurm
 
@@ -110,15 +110,12 @@ COMMANDS = {"slurm": cmd_slurm, "horovod": cmd_horovod, "federated": cmd_federat
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
+
+    def body():
         # Everything after `--` is the job's command, flags included.
         cmd = argv[argv.index("--") + 1:] if "--" in argv else []
         head = argv[:argv.index("--")] if "--" in argv else argv
         args = parser().parse_args(head)
         args.cmd = cmd or getattr(args, "cmd", [])
         return COMMANDS[args.command](args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_cli(body)

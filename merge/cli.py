@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from trainer.errors import OneLineParser, UsageError
+from trainer.errors import OneLineParser, UsageError, run_cli
 
 from .aggregate import MASK_POLICIES
 
@@ -135,11 +135,7 @@ COMMANDS = {"fedavg": cmd_fedavg, "ensemble": cmd_ensemble, "inspect": cmd_inspe
 
 
 def main(argv=None) -> int:
-    try:
+    def body():
         args = parser().parse_args(sys.argv[1:] if argv is None else argv)
         return COMMANDS[args.command](args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_cli(body)

@@ -1,5 +1,6 @@
 """The one exception type that means "the user can fix this"."""
 import argparse
+import sys
 
 
 class UsageError(Exception):
@@ -19,3 +20,15 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UsageError(f"{message} (see --help)")
+
+
+def run_cli(body) -> int:
+    """A CLI's exit code: `body()`'s, or 2 with one `error:` line for a
+    UsageError, 130 for Ctrl-C."""
+    try:
+        return body()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
