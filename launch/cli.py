@@ -58,6 +58,8 @@ def parser() -> OneLineParser:
     f.add_argument("--seed", type=int, default=0, help="seed of the split and the init")
     f.add_argument("--init", help="start from this checkpoint instead of a fresh init")
     f.add_argument("--np", type=int, default=1, help="ranks per client (horovodrun --gloo inside each client)")
+    f.add_argument("--aggregator", default="mean", help="merge fedavg --aggregator: mean | median | "
+                   "trimmed-mean:BETA | krum:F")
     f.add_argument("--quiet", action="store_true")
     f.add_argument("cmd", nargs="*", help="extra trainer flags, after --")
     return p
@@ -94,6 +96,7 @@ def cmd_federated(a) -> int:
     from .federated import Plan, format_table, run
     plan = Plan(out=Path(a.out), clients=a.clients, rounds=a.rounds, local_epochs=a.local_epochs, split=a.split,
                 model=a.model, data=a.data, data_dir=a.data_dir, seed=a.seed, np=a.np, init=a.init,
+                aggregator=a.aggregator,
                 trainer_args=a.cmd, quiet=a.quiet)
     try:
         rows = run(plan, log=lambda line: print(line, flush=True))

@@ -33,6 +33,7 @@ class Plan:
     seed: int = 0
     np: int = 1
     init: str | None = None
+    aggregator: str = "mean"
     trainer_args: list[str] = field(default_factory=list)
     quiet: bool = False
 
@@ -92,7 +93,8 @@ def run(plan: Plan, log=print) -> list[dict]:
                 cmd = [shutil.which("horovodrun"), "-np", str(plan.np), "--gloo", *cmd]
             _check(cmd, f"round {r} client {k}")
         merged = round_dir / "global"
-        _check(_python("merge", "fedavg", *clients, "-o", merged, "--quiet"), f"round {r} fedavg")
+        _check(_python("merge", "fedavg", *clients, "-o", merged, "--quiet", "--aggregator", plan.aggregator),
+               f"round {r} fedavg")
         scores = evaluate([*map(str, clients), str(merged)], plan.data, plan.data_dir)
         row = {"round": r, "global_accuracy": scores[-1]["accuracy"], "global_loss": scores[-1]["loss"],
                **{f"client{k}_accuracy": s["accuracy"] for k, s in enumerate(scores[:-1])}}

@@ -2,13 +2,16 @@
 
 Each rule is one small class behind `Rule.combine`, which receives the inputs
 lazily, one (values, weight, mask) at a time, so that a streaming rule holds
-two arrays whatever the number of inputs.
+two arrays whatever the number of inputs. `parse_aggregator` turns
+`--aggregator` into a rule.
 """
 from __future__ import annotations
 
 from typing import Iterable, Iterator
 
 import numpy as np
+
+from trainer.errors import UsageError
 
 Reads = Iterator[tuple[np.ndarray, float, "np.ndarray | None"]]
 
@@ -74,6 +77,107 @@ class WeightedMean(Rule):
         return np.where(keep, acc, acc.dtype.type(0)), keep
 
 
+class _Robust(Rule):
+    """Coordinate-wise rules that resist a few bad inputs. Unweighted: a
+    sample count is exactly what a bad client could lie about. They need
+    every input's slab at once (n slabs of memory, not two). Masks: a weight
+    pruned by any input stays pruned."""
+
+    streaming = False
+
+    def combine(self, reads):
+        xs, masks = [], []
+        for x, _, mask in reads:
+            xs.append(np.array(x, copy=True))
+            masks.append(mask)
+        values = self._reduce(np.stack(xs)).astype(xs[0].dtype, copy=False)
+        given = [m > 0 for m in masks if m is not None]
+        if not given:
+            return values, None
+        keep = np.logical_and.reduce(given)
+        return np.where(keep, values, values.dtype.type(0)), keep
+
+    def _reduce(self, stacked: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class Median(_Robust):
+    name = "median"
+
+    def _reduce(self, stacked):
+        return np.median(stacked, axis=0)
+
+
+class TrimmedMean(_Robust):
+    """Per coordinate, drop the floor(beta x n) largest and smallest values
+    and average the rest."""
+
+    name = "trimmed-mean"
+
+    def __init__(self, beta: float):
+        self.beta = beta
+
+    def _reduce(self, stacked):
+        n = stacked.shape[0]
+        k = int(self.beta * n)
+        return np.sort(stacked, axis=0)[k:n - k].mean(axis=0)
+
+
+class Select(Rule):
+    """One input's tensors, unchanged: what Krum chose. Inputs after the
+    chosen one are never read."""
+
+    name = "select"
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def combine(self, reads):
+        for i, (x, _, mask) in enumerate(reads):
+            if i == self.index:
+                return x, (None if mask is None else mask > 0)
+        raise ValueError(f"no input {self.index}")
+
+
+def krum_index(sq_distances: np.ndarray, f: int) -> int:
+    """Krum (Blanchard et al., 2017): the input whose n - f - 2 nearest
+    neighbours are closest, by summed squared distance over all tensors."""
+    n = len(sq_distances)
+    scores = [np.sort(np.delete(sq_distances[i], i))[: n - f - 2].sum() for i in range(n)]
+    return int(np.argmin(scores))
+
+
+AGGREGATORS = "mean | median | trimmed-mean:BETA | krum:F"
+
+
+def parse_aggregator(spec: str, n: int, mask_policy: str = "intersection"):
+    """A Rule for `spec`, or ("krum", f) when a first pass must choose."""
+    name, _, arg = spec.partition(":")
+    try:
+        if name == "mean" and not arg:
+            return WeightedMean(mask_policy)
+        if name == "median" and not arg:
+            return Median()
+        if name == "trimmed-mean":
+            beta = float(arg or "nan")
+            if not 0 <= beta < 0.5:
+                raise ValueError
+            if n - 2 * int(beta * n) < 1:
+                raise UsageError(f"--aggregator {spec}: trims every one of the {n} inputs")
+            return TrimmedMean(beta)
+        if name == "krum":
+            f = int(arg)
+            if f < 0:
+                raise ValueError
+            if n < 2 * f + 3:
+                raise UsageError(f"--aggregator {spec}: Krum tolerates F bad inputs out of at least 2F+3; "
+                                 f"{n} inputs allow F <= {max(0, (n - 3) // 2)}")
+            return ("krum", f)
+    except ValueError:
+        pass
+    raise UsageError(f"--aggregator {spec}: expected {AGGREGATORS} (BETA in [0, 0.5), F >= 0)")
+
+
 def first_of(reads: Iterable) -> tuple[np.ndarray, None]:
     """Non-float tensors (step counters and the like) are not averaged: the
     first input's value is kept."""
@@ -82,7 +186,6 @@ def first_of(reads: Iterable) -> tuple[np.ndarray, None]:
     raise ValueError("no inputs")
 
 
-RULES = {"mean": WeightedMean}
 
 
 def reprune(values: np.ndarray, keep: "np.ndarray | None", sparsity: float) -> tuple[np.ndarray, np.ndarray]:

@@ -6,7 +6,7 @@ import sys
 
 from trainer.errors import OneLineParser, UsageError, run_cli
 
-from .aggregate import MASK_POLICIES
+from .aggregate import AGGREGATORS, MASK_POLICIES
 
 
 def parser() -> OneLineParser:
@@ -23,6 +23,8 @@ def parser() -> OneLineParser:
     f.add_argument("--weights", type=_floats, help="per-input weights, e.g. 3,1 (default: samples seen)")
     f.add_argument("--uniform", action="store_true", help="weight every input equally")
     f.add_argument("--force", action="store_true", help="average even inputs with different initializations")
+    f.add_argument("--aggregator", default="mean", help=f"{AGGREGATORS} (default mean: FedAvg, weighted; "
+                   "the others are unweighted and resist a few bad inputs)")
     f.add_argument("--mask-policy", choices=MASK_POLICIES,
                    help="pruned inputs: intersection (default; pruned anywhere stays pruned), union, renormalize")
     f.add_argument("--infer-masks", action="store_true",
@@ -72,7 +74,7 @@ def cmd_fedavg(a) -> int:
     o = Options(inputs=a.inputs, out=a.out, weights=a.weights, uniform=a.uniform, force=a.force,
                 mask_policy=a.mask_policy, infer_masks=a.infer_masks, target_sparsity=a.target_sparsity,
                 allow_nonfinite=a.allow_nonfinite, overwrite=a.overwrite, data=a.data, data_dir=a.data_dir,
-                quiet=a.quiet)
+                quiet=a.quiet, aggregator=a.aggregator)
     try:
         s = fedavg(o)
     finally:
@@ -83,6 +85,8 @@ def cmd_fedavg(a) -> int:
         print(f"  {inp['path']}  weight {inp['weight']:.4f}  samples {inp['samples_seen'] or '-'}  "
               f"{inp['format']}")
     print(f"lineage: {s['lineage'] or 'unknown'}; samples seen in all: {s['samples_seen']}")
+    if s["aggregator"] != "mean":
+        print(f"aggregator: {s['aggregator']}" + (f" (chose {s['krum_choice']})" if s["krum_choice"] else ""))
     if s["mask_policy"]:
         print(f"masks ({s['mask_policy']}): sparsity {s['sparsity']['overall']:.2%} over the masked tensors")
         for name, sp in s["sparsity"]["tensors"].items():

@@ -10,7 +10,7 @@ import numpy as np
 from trainer.checkpoint import package_versions
 from trainer.errors import UsageError
 
-from .aggregate import RULES, first_of, reprune
+from .aggregate import Select, first_of, krum_index, parse_aggregator, reprune
 from .inputs import Inputs
 from .output import WeightsWriter, check_output
 
@@ -27,7 +27,7 @@ class Options:
     weights: list[float] | None = None
     uniform: bool = False
     force: bool = False
-    rule: str = "mean"
+    aggregator: str = "mean"
     mask_policy: str | None = None
     infer_masks: bool = False
     target_sparsity: float | None = None
@@ -63,11 +63,17 @@ def fedavg(o: Options) -> dict:
                              "add --infer-masks to read exact zeros of a pruned .keras as its mask")
         if inputs.config is None:
             raise UsageError("no input records the model's architecture; add a .keras file or run directory")
+        rule = parse_aggregator(o.aggregator, len(inputs.sources), policy)
+        chosen = None
+        if isinstance(rule, tuple):  # krum: a first pass over every tensor picks one input
+            chosen = krum_index(_squared_distances(inputs, keys, o), rule[1])
+            rule = Select(chosen)
         writer = WeightsWriter(o.out, inputs.config)
         try:
-            sparsity = _stream(inputs, keys, weights, RULES[o.rule](policy), writer, o)
+            sparsity = _stream(inputs, keys, weights, rule, writer, o)
             manifest = {
-                "kind": "merge", "method": "fedavg", "rule": o.rule,
+                "kind": "merge", "method": "fedavg", "aggregator": o.aggregator,
+                "krum_choice": None if chosen is None else inputs.sources[chosen].path,
                 "mask_policy": policy if masked else None,
                 "model": inputs.sources[0].model_cfg, "lineage": lineage,
                 "samples_seen": sum(s.samples or 0 for s in inputs.sources),
@@ -201,6 +207,25 @@ class _Buffers:
             self.pool["finite"] = np.empty(max(x.size, self.nbytes // 4), bool)
         scratch = self.pool["finite"][:x.size].reshape(x.shape)
         return bool(np.isfinite(x, out=scratch).all())
+
+
+def _squared_distances(inputs: Inputs, keys, o: Options) -> np.ndarray:
+    """Pairwise squared distances between whole inputs, slab by slab (n slabs
+    in memory at a time)."""
+    sources = inputs.sources
+    n = len(sources)
+    d = np.zeros((n, n))
+    sliceable = all(s.sliceable for s in sources)
+    for key in keys:
+        shape, dtype = sources[0].info(key)
+        if not np.issubdtype(dtype, np.floating):
+            continue
+        for rows in _slabs(shape, dtype, o.slab_bytes if sliceable else None):
+            xs = [np.asarray(s.read(key, rows), dtype=np.float64) for s in sources]
+            for i in range(n):
+                for j in range(i + 1, n):
+                    d[i, j] += float(np.square(xs[i] - xs[j]).sum())
+    return d + d.T
 
 
 def _mask_of(s, key, rows, x, o: Options, floating: bool):
