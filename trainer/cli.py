@@ -49,6 +49,7 @@ def train_parser() -> argparse.ArgumentParser:
     a("--clients", type=int, help="federated: number of clients")
     a("--split", default="iid", help="iid | dirichlet:ALPHA | classes:C (default iid)")
     a("--split-seed", type=int, help="seed of the client split (default --seed); the same for every client")
+    a("--prox-mu", type=float, help="federated: FedProx proximal term mu/2 ||w - w_start||^2 (0 = plain FedAvg)")
     a("--dropout", type=float, default=0.0, help="lstm: input dropout")
     a("--recurrent-dropout", type=float, default=0.0, help="lstm: recurrent dropout")
     a("--quiet", action="store_true", help="no progress bar")

@@ -45,6 +45,7 @@ class Options:
     clients: int | None = None
     split: str = "iid"
     split_seed: int | None = None
+    prox_mu: float | None = None
     dropout: float = 0.0
     recurrent_dropout: float = 0.0
     quiet: bool = False
@@ -76,6 +77,8 @@ def validate(o: Options) -> None:
     if o.freeze and o.structured:
         raise UsageError("--freeze and --structured exclude each other: removing whole units "
                          "would remove frozen weights too")
+    if o.prox_mu is not None and not (o.prox_mu >= 0 and o.prox_mu < float("inf")):
+        raise UsageError(f"--prox-mu must be a finite number >= 0, got {o.prox_mu}")
     if o.resume and o.init:
         raise UsageError("--resume and --init exclude each other: a resumed run keeps its own start")
 
@@ -153,11 +156,14 @@ def run(o: Options) -> dict:
     if plan["expect_model"] and plan["expect_model"] != model_cfg:
         raise UsageError(f"{plan['source']}: was written for model {plan['expect_model']}, "
                          f"not {model_cfg}; pass matching --model/--data")
-    model, optimizer, masks, checkpoint = _build(o, backend, data, model_cfg, prune_cfg)
+    model, optimizer, masks, prox, checkpoint = _build(o, backend, data, model_cfg, prune_cfg)
     state = backend.load_shared(lambda: _restore(o, plan, model, checkpoint))
-    backend.broadcast_variables(model.variables + optimizer.variables + masks.variables)
+    backend.broadcast_variables(model.variables + optimizer.variables + masks.variables
+                                + (prox.anchor if prox else []))
     if not o.resume:
         masks.start()
+        if prox:
+            prox.start()
 
     run_dir = ck.RunDir(plan["out"], keep=o.keep) if backend.is_chief else None
     if run_dir:
@@ -176,7 +182,10 @@ def run(o: Options) -> dict:
 
     cfg = LoopConfig(epochs=o.epochs, batch_size=o.batch_size, seed=o.seed, accum_steps=o.accum_steps,
                      max_steps=o.max_steps, save_every_steps=o.save_every_steps)
-    speed = train(model, optimizer, backend, data, cfg, state, reporter, save, **masks.hooks())
+    hooks = masks.hooks()
+    if prox:  # before the masks, so a masked gradient stays exactly zero
+        hooks["grad_hooks"] = [prox.grad_hook, *hooks["grad_hooks"]]
+    speed = train(model, optimizer, backend, data, cfg, state, reporter, save, **hooks)
     return _finish(backend, model, data, run_dir, reporter, speed, state, plan["out"], masks)
 
 
@@ -195,7 +204,13 @@ def _build(o: Options, backend, data, model_cfg: dict, prune_cfg=None):
         optimizer.build(model.trainable_variables)
     total_steps = o.max_steps or o.epochs * steps_per_epoch
     masks = Masking(o, model, backend, total_steps, prune_cfg)
-    return model, optimizer, masks, tf.train.Checkpoint(model=model, optimizer=optimizer, **masks.trackables())
+    prox = None
+    extra = masks.trackables()
+    if o.prox_mu is not None:
+        from .proximal import Proximal
+        prox = Proximal(model, backend, o.prox_mu)
+        extra["proximal"] = prox.trackable
+    return model, optimizer, masks, prox, tf.train.Checkpoint(model=model, optimizer=optimizer, **extra)
 
 
 def _restore(o: Options, plan: dict, model, checkpoint):
@@ -229,6 +244,7 @@ def _run_manifest(o: Options, plan: dict, backend, data, model_cfg: dict, lineag
         "optimizer": {"name": o.optimizer, "lr": o.lr, "lr_scale": backend.lr_scale if o.scale_lr else 1,
                       "batch_size_per_replica": o.batch_size, "accum_steps": o.accum_steps},
         "seed": o.seed,
+        "prox_mu": o.prox_mu,
         "versions": ck.package_versions(),
     }
     if not o.resume:

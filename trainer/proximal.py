@@ -1,0 +1,40 @@
+"""FedProx's proximal term (Li et al., 2020) for a federated client.
+
+mu/2 * ||w - w_start||^2 is added to the client's loss, w_start being the
+weights the run started from (the global model of the round). Its gradient,
+mu * (w - w_start), is added after the allreduce: the weights, and so the
+term, are identical on every replica, so adding it once there equals adding
+it to every replica's loss before the sum. With mu = 0 the step is plain
+FedAvg local training.
+"""
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+class Proximal:
+    def __init__(self, model, backend, mu: float):
+        self.mu = float(mu)
+        self.variables = list(model.trainable_variables)
+        with backend.scope():
+            self.anchor = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False,
+                                       name=v.name.split(":")[0].replace("/", "_") + "_start")
+                           for v in self.variables]
+        # In the checkpoint, so that a resumed client keeps pulling towards
+        # the round's start, not towards wherever it was interrupted.
+        self.trackable = tf.Module(name="proximal")
+        self.trackable.anchor = self.anchor
+
+    def start(self) -> None:
+        """Remember the starting weights (after --init and the broadcast)."""
+        for a, v in zip(self.anchor, self.variables):
+            a.assign(v)
+
+    def grad_hook(self, grads, variables):
+        index = {v.ref(): i for i, v in enumerate(self.variables)}
+        out = list(grads)
+        for i, v in enumerate(variables):
+            j = index.get(v.ref())
+            if j is not None and out[i] is not None:
+                out[i] = out[i] + self.mu * (v - self.anchor[j])
+        return out
