@@ -60,6 +60,9 @@ def parser() -> OneLineParser:
     f.add_argument("--np", type=int, default=1, help="ranks per client (horovodrun --gloo inside each client)")
     f.add_argument("--aggregator", default="mean", help="merge fedavg --aggregator: mean | median | "
                    "trimmed-mean:BETA | krum:F")
+    f.add_argument("--server-opt", choices=("fedavgm", "fedadam", "fedyogi"),
+                   help="a server optimizer on each round's average (default: the average is the new global)")
+    f.add_argument("--server-lr", type=float, default=1.0)
     f.add_argument("--quiet", action="store_true")
     f.add_argument("cmd", nargs="*", help="extra trainer flags, after --")
     return p
@@ -96,7 +99,7 @@ def cmd_federated(a) -> int:
     from .federated import Plan, format_table, run
     plan = Plan(out=Path(a.out), clients=a.clients, rounds=a.rounds, local_epochs=a.local_epochs, split=a.split,
                 model=a.model, data=a.data, data_dir=a.data_dir, seed=a.seed, np=a.np, init=a.init,
-                aggregator=a.aggregator,
+                aggregator=a.aggregator, server_opt=a.server_opt, server_lr=a.server_lr,
                 trainer_args=a.cmd, quiet=a.quiet)
     try:
         rows = run(plan, log=lambda line: print(line, flush=True))

@@ -34,6 +34,8 @@ class Plan:
     np: int = 1
     init: str | None = None
     aggregator: str = "mean"
+    server_opt: str | None = None
+    server_lr: float = 1.0
     trainer_args: list[str] = field(default_factory=list)
     quiet: bool = False
 
@@ -93,8 +95,13 @@ def run(plan: Plan, log=print) -> list[dict]:
                 cmd = [shutil.which("horovodrun"), "-np", str(plan.np), "--gloo", *cmd]
             _check(cmd, f"round {r} client {k}")
         merged = round_dir / "global"
-        _check(_python("merge", "fedavg", *clients, "-o", merged, "--quiet", "--aggregator", plan.aggregator),
+        average = round_dir / "average" if plan.server_opt else merged
+        _check(_python("merge", "fedavg", *clients, "-o", average, "--quiet", "--aggregator", plan.aggregator),
                f"round {r} fedavg")
+        if plan.server_opt:  # FedAvgM / FedAdam / FedYogi: the average is a pseudo-gradient
+            _check(_python("merge", "server-step", current, average, "-o", merged, "--optimizer", plan.server_opt,
+                           "--server-lr", plan.server_lr, "--state", plan.out / "server_state.h5"),
+                   f"round {r} server step")
         scores = evaluate([*map(str, clients), str(merged)], plan.data, plan.data_dir)
         row = {"round": r, "global_accuracy": scores[-1]["accuracy"], "global_loss": scores[-1]["loss"],
                **{f"client{k}_accuracy": s["accuracy"] for k, s in enumerate(scores[:-1])}}

@@ -1,4 +1,4 @@
-"""`python -m merge {fedavg,ensemble,inspect,diff,evaluate}`."""
+"""`python -m merge {fedavg,server-step,ensemble,inspect,diff,evaluate}`."""
 from __future__ import annotations
 
 import json
@@ -35,6 +35,20 @@ def parser() -> OneLineParser:
     f.add_argument("--data", help="check the merged model against the inputs on this data set (digits, ...)")
     f.add_argument("--data-dir")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    so = sub.add_parser("server-step", help="a server optimizer step: previous global + this round's FedAvg",
+                        description="FedAvgM, FedAdam or FedYogi: moves PREVIOUS along AVERAGE - PREVIOUS "
+                        "with server-side state kept in --state across rounds.")
+    so.add_argument("previous")
+    so.add_argument("average")
+    so.add_argument("-o", "--out", required=True)
+    so.add_argument("--optimizer", default="fedavgm", help="fedavgm | fedadam | fedyogi")
+    so.add_argument("--state", required=True, help="HDF5 file of the optimizer's state (created if missing)")
+    so.add_argument("--server-lr", type=float, default=1.0)
+    so.add_argument("--beta1", type=float, default=0.9, help="momentum (fedavgm) or first moment decay")
+    so.add_argument("--beta2", type=float, default=0.99)
+    so.add_argument("--tau", type=float, default=1e-3, help="adaptivity (fedadam, fedyogi)")
+    so.add_argument("--overwrite", action="store_true")
 
     e = sub.add_parser("ensemble", help="one model that combines the members' predictions",
                        description="Combine independently trained models by their outputs. Members may "
@@ -97,6 +111,14 @@ def cmd_fedavg(a) -> int:
     return 0
 
 
+def cmd_server_step(a) -> int:
+    from .server import server_step
+    server_step(a.previous, a.average, a.out, a.optimizer, a.state, a.server_lr, a.beta1, a.beta2, a.tau,
+                a.overwrite)
+    print(f"{a.optimizer} step: {a.previous} + ({a.average} - {a.previous}) -> {a.out}; state in {a.state}")
+    return 0
+
+
 def cmd_ensemble(a) -> int:
     from .ensemble import write_ensemble
     s = write_ensemble(a.inputs, a.out, a.method, a.weights, a.overwrite)
@@ -134,7 +156,7 @@ def cmd_evaluate(a) -> int:
     return 0
 
 
-COMMANDS = {"fedavg": cmd_fedavg, "ensemble": cmd_ensemble, "inspect": cmd_inspect, "diff": cmd_diff,
+COMMANDS = {"fedavg": cmd_fedavg, "server-step": cmd_server_step, "ensemble": cmd_ensemble, "inspect": cmd_inspect, "diff": cmd_diff,
             "evaluate": cmd_evaluate}
 
 
