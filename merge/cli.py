@@ -50,6 +50,23 @@ def parser() -> OneLineParser:
     so.add_argument("--tau", type=float, default=1e-3, help="adaptivity (fedadam, fedyogi)")
     so.add_argument("--overwrite", action="store_true")
 
+    al = sub.add_parser("align", help="permute B's hidden units to match A's (weight matching)",
+                        description="Weight matching: B's hidden units permuted to best match A's; the output "
+                        "computes the same function as B. For chains of Dense/Conv2D layers.")
+    al.add_argument("a")
+    al.add_argument("b")
+    al.add_argument("-o", "--out", required=True, help="OUT.keras")
+    al.add_argument("--overwrite", action="store_true")
+
+    ba = sub.add_parser("barrier", help="loss and accuracy on the line from A to B, before and after alignment")
+    ba.add_argument("a")
+    ba.add_argument("b")
+    ba.add_argument("--data", required=True)
+    ba.add_argument("--data-dir")
+    ba.add_argument("--points", type=int, default=11)
+    ba.add_argument("--no-align", action="store_true", help="only the straight line to B as it is")
+    ba.add_argument("--plot", help="also write the curves as a PNG here")
+
     e = sub.add_parser("ensemble", help="one model that combines the members' predictions",
                        description="Combine independently trained models by their outputs. Members may "
                        "differ in architecture but not in input shape or class count.")
@@ -119,6 +136,34 @@ def cmd_server_step(a) -> int:
     return 0
 
 
+def cmd_align(a) -> int:
+    from trainer.checkpoint import export_keras
+
+    from .align import align, set_weights
+    from .models import load_model
+    from .output import check_output
+    if not a.out.endswith(".keras"):
+        raise UsageError(f"-o {a.out}: align writes a .keras file; end the name with .keras")
+    check_output(a.out, [a.a, a.b], a.overwrite)
+    model_a, model_b = load_model(a.a), load_model(a.b)
+    weights, perms = align(model_a, model_b)
+    set_weights(model_b, weights)
+    export_keras(model_b, a.out)
+    moved = ", ".join(f"{g} {int((p != range(len(p))).sum())}/{len(p)}" for g, p in perms.items())
+    print(f"aligned {a.b} to {a.a} -> {a.out} (units moved per layer: {moved})")
+    return 0
+
+
+def cmd_barrier(a) -> int:
+    from .barrier import barrier, format_table, plot
+    res = barrier(a.a, a.b, a.data, a.data_dir, a.points, aligned=not a.no_align)
+    print(format_table(res))
+    if a.plot:
+        plot(res, a.plot)
+        print(f"wrote {a.plot}")
+    return 0
+
+
 def cmd_ensemble(a) -> int:
     from .ensemble import write_ensemble
     s = write_ensemble(a.inputs, a.out, a.method, a.weights, a.overwrite)
@@ -156,7 +201,7 @@ def cmd_evaluate(a) -> int:
     return 0
 
 
-COMMANDS = {"fedavg": cmd_fedavg, "server-step": cmd_server_step, "ensemble": cmd_ensemble, "inspect": cmd_inspect, "diff": cmd_diff,
+COMMANDS = {"fedavg": cmd_fedavg, "server-step": cmd_server_step, "align": cmd_align, "barrier": cmd_barrier, "ensemble": cmd_ensemble, "inspect": cmd_inspect, "diff": cmd_diff,
             "evaluate": cmd_evaluate}
 
 
