@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from merge.fedavg import SLAB_BYTES
+
 from .scaling import REPO, _cpu_name, _env, write_section
 
 TIME = "/usr/bin/time"
@@ -470,7 +472,7 @@ def render(ns, results, copies, checks, a, width, largest, input_bytes, seconds,
     lines += [
         "",
         "Why memory stays flat: `merge fedavg` never holds a whole input. It reads each tensor in slabs of "
-        "rows of at most 64 MiB into two reusable buffers (the first input's slab becomes the accumulator; "
+        f"rows of at most {SLAB_BYTES >> 20} MiB into two reusable buffers (the first input's slab becomes the accumulator; "
         "every later input is read into the second, scaled and added in place), writes the slab into an "
         "output whose blocks were allocated up front, and moves on; n inputs cost n reads, not n buffers. "
         "The naive average holds every model and every `get_weights()` copy at once, so it grows with n.",

@@ -65,6 +65,9 @@ def derive_spec(model) -> Spec:
     last = weighted[-1] if weighted else None
     for layer in layers:
         name = lambda v: v.name.split(":")[0]  # noqa: E731
+        if isinstance(layer, _WEIGHTED) and (type(layer) not in _WEIGHTED or getattr(layer, "groups", 1) != 1):
+            raise UsageError(f"layer {layer.name} ({type(layer).__name__}): grouped, depthwise or subclassed "
+                             "Dense/Conv2D layers are not supported by alignment")
         if isinstance(layer, _WEIGHTED):
             kernel, bias = layer.kernel, layer.bias
             out_group = None if layer is last else f"{layer.name}"

@@ -31,6 +31,10 @@ def parser() -> OneLineParser:
                    help="read exact zeros of kernels as pruned, for inputs that record no masks")
     f.add_argument("--target-sparsity", type=float, help="re-prune the merged masked tensors to this sparsity")
     f.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/Inf weights")
+    f.add_argument("--align", action="store_true", help="permute every input's hidden units to match the first "
+                   "before averaging (inputs with different initializations; see merge align)")
+    f.add_argument("--recalibrate-bn", action="store_true",
+                   help="recompute batch-norm statistics of the merged model on --data's training split")
     f.add_argument("--overwrite", action="store_true", help="replace an existing output")
     f.add_argument("--data", help="check the merged model against the inputs on this data set (digits, ...)")
     f.add_argument("--data-dir")
@@ -66,6 +70,14 @@ def parser() -> OneLineParser:
     ba.add_argument("--points", type=int, default=11)
     ba.add_argument("--no-align", action="store_true", help="only the straight line to B as it is")
     ba.add_argument("--plot", help="also write the curves as a PNG here")
+
+    au = sub.add_parser("auto", help="average, align-then-average, or ensemble, by the measured barrier")
+    au.add_argument("a")
+    au.add_argument("b")
+    au.add_argument("--data", required=True)
+    au.add_argument("--data-dir")
+    au.add_argument("-o", "--out", required=True, help="OUT.keras")
+    au.add_argument("--overwrite", action="store_true")
 
     e = sub.add_parser("ensemble", help="one model that combines the members' predictions",
                        description="Combine independently trained models by their outputs. Members may "
@@ -105,7 +117,7 @@ def cmd_fedavg(a) -> int:
     o = Options(inputs=a.inputs, out=a.out, weights=a.weights, uniform=a.uniform, force=a.force,
                 mask_policy=a.mask_policy, infer_masks=a.infer_masks, target_sparsity=a.target_sparsity,
                 allow_nonfinite=a.allow_nonfinite, overwrite=a.overwrite, data=a.data, data_dir=a.data_dir,
-                quiet=a.quiet, aggregator=a.aggregator)
+                quiet=a.quiet, aggregator=a.aggregator, align=a.align, recalibrate_bn=a.recalibrate_bn)
     try:
         s = fedavg(o)
     finally:
@@ -122,6 +134,10 @@ def cmd_fedavg(a) -> int:
         print(f"masks ({s['mask_policy']}): sparsity {s['sparsity']['overall']:.2%} over the masked tensors")
         for name, sp in s["sparsity"]["tensors"].items():
             print(f"  {name:<32} {sp:7.2%}")
+    if s.get("aligned_to"):
+        print(f"aligned every input to {s['aligned_to']} before averaging")
+    if s.get("recalibrated_layers"):
+        print(f"batch-norm statistics recomputed on {a.data} in {s['recalibrated_layers']} layer(s)")
     if s["check"]:
         c = s["check"]
         print(f"--data {a.data}: merged accuracy {c['merged_accuracy']:.4f}, worst input {c['worst_input_accuracy']:.4f}")
@@ -164,6 +180,13 @@ def cmd_barrier(a) -> int:
     return 0
 
 
+def cmd_auto(a) -> int:
+    from .auto import auto
+    s = auto(a.a, a.b, a.data, a.out, a.data_dir, a.overwrite)
+    print(f"{s['choice']} -> {a.out}: {s['why']}")
+    return 0
+
+
 def cmd_ensemble(a) -> int:
     from .ensemble import write_ensemble
     s = write_ensemble(a.inputs, a.out, a.method, a.weights, a.overwrite)
@@ -201,7 +224,7 @@ def cmd_evaluate(a) -> int:
     return 0
 
 
-COMMANDS = {"fedavg": cmd_fedavg, "server-step": cmd_server_step, "align": cmd_align, "barrier": cmd_barrier, "ensemble": cmd_ensemble, "inspect": cmd_inspect, "diff": cmd_diff,
+COMMANDS = {"fedavg": cmd_fedavg, "server-step": cmd_server_step, "align": cmd_align, "barrier": cmd_barrier, "auto": cmd_auto, "ensemble": cmd_ensemble, "inspect": cmd_inspect, "diff": cmd_diff,
             "evaluate": cmd_evaluate}
 
 

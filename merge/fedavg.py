@@ -39,6 +39,9 @@ class Options:
     data_dir: str | None = None
     quiet: bool = False
     slab_bytes: int = SLAB_BYTES
+    align: bool = False
+    recalibrate_bn: bool = False
+    labels: list[str] | None = None   # how the manifest names the inputs (aligned copies are temporary)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -54,6 +57,82 @@ def validate(o: Options) -> None:
 
 def fedavg(o: Options) -> dict:
     validate(o)
+    if o.recalibrate_bn and not o.data:
+        raise UsageError("--recalibrate-bn needs --data NAME: the statistics are recomputed on its training split")
+    from dataclasses import replace
+    # With --recalibrate-bn, --data names the statistics' data; the
+    # merged-vs-inputs check would judge the model before its repair.
+    run = replace(o, data=None) if o.recalibrate_bn else o
+    summary = _aligned(run) if o.align else _fedavg(run)
+    if o.recalibrate_bn:
+        summary["recalibrated_layers"] = _recalibrate(o)
+    return summary
+
+
+def _aligned(o: Options) -> dict:
+    """--align: every input after the first is permuted to match the first
+    (merge.align), then the copies are averaged as usual. Needs whole models
+    in memory, unlike the streaming merge."""
+    import shutil
+    import tempfile
+    from dataclasses import replace
+    from pathlib import Path
+
+    from trainer.checkpoint import export_keras
+
+    from .align import align, set_weights
+    from .models import load_model
+    with Inputs(o.inputs) as inputs:
+        keys = inputs.check_tensors()
+        if any(s.has_mask(k) for s in inputs.sources for k in keys):
+            raise UsageError("--align with pruned inputs is not supported: a permutation would have to move "
+                             "the masks too; merge them without --align")
+        weights = _weights(inputs, o)
+    base = load_model(o.inputs[0])
+    out = Path(o.out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.align.", suffix=".tmp", dir=out.parent))
+    try:
+        paths = [o.inputs[0]]
+        for i, path in enumerate(o.inputs[1:], 1):
+            model = load_model(path)
+            aligned, _ = align(base, model)
+            set_weights(model, aligned)
+            export_keras(model, tmp / f"aligned-{i}.keras")
+            paths.append(str(tmp / f"aligned-{i}.keras"))
+        # Aligned copies of different initializations: lineage no longer applies.
+        inner = replace(o, inputs=paths, weights=weights, uniform=False, align=False, recalibrate_bn=False,
+                        force=True, labels=list(o.inputs), warnings=[])
+        summary = _fedavg(inner)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {**summary, "aligned_to": o.inputs[0]}
+
+
+def _recalibrate(o: Options) -> int:
+    """Batch-norm statistics of the merged model recomputed on --data, written back atomically."""
+    import os
+    from pathlib import Path
+
+    from trainer.checkpoint import export_keras
+
+    from .models import load_model
+    from .recalibrate import recalibrate
+    model = load_model(o.out)
+    n = recalibrate(model, o.data, o.data_dir)
+    if not n:
+        o.warnings.append("--recalibrate-bn: the model has no BatchNormalization layer; nothing to recompute")
+        return 0
+    out = Path(o.out)
+    if out.suffix == ".keras":
+        export_keras(model, out)
+    else:
+        tmp = out / ".model.weights.tmp.weights.h5"
+        model.save_weights(str(tmp))
+        os.replace(tmp, out / "model.weights.h5")
+    return n
+
+
+def _fedavg(o: Options) -> dict:
     with Inputs(o.inputs) as inputs:
         keys = inputs.check_tensors()
         lineage = _check_lineage(inputs, o)
@@ -79,8 +158,9 @@ def fedavg(o: Options) -> dict:
                 "mask_policy": policy if masked else None,
                 "model": inputs.sources[0].model_cfg, "lineage": lineage,
                 "samples_seen": sum(s.samples or 0 for s in inputs.sources),
-                "inputs": [{"path": s.path, "format": s.format, "weight": w, "samples_seen": s.samples,
-                            "lineage": s.lineage} for s, w in zip(inputs.sources, weights)],
+                "inputs": [{"path": label, "format": s.format, "weight": w, "samples_seen": s.samples,
+                            "lineage": s.lineage}
+                           for s, w, label in zip(inputs.sources, weights, o.labels or [s.path for s in inputs.sources])],
                 "sparsity": sparsity, "versions": package_versions(), "step": 0,
             }
             check = _check_merged(writer, inputs, manifest, o) if o.data else None

@@ -110,3 +110,69 @@ def test_unsupported_topologies_are_refused(make, needle, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
     assert not (tmp_path / "c.keras").exists()
+
+
+def _accuracy(path) -> float:
+    model = tf.keras.models.load_model(path, compile=False)
+    data = load_dataset("digits")
+    return float((model(data.x_test).numpy().argmax(1) == data.y_test).mean())
+
+
+def test_fedavg_align_makes_independent_models_averageable(tmp_path):
+    a, b = _trained("mlp", 5), _trained("mlp", 6)
+    a.save(tmp_path / "a.keras")
+    b.save(tmp_path / "b.keras")
+    ok(merge("fedavg", "a.keras", "b.keras", "-o", "naive.keras", cwd=tmp_path))
+    proc = ok(merge("fedavg", "a.keras", "b.keras", "-o", "aligned.keras", "--align", cwd=tmp_path))
+    assert "aligned every input to a.keras" in proc.stdout
+    members = (_accuracy(tmp_path / "a.keras") + _accuracy(tmp_path / "b.keras")) / 2
+    aligned, naive = _accuracy(tmp_path / "aligned.keras"), _accuracy(tmp_path / "naive.keras")
+    assert aligned >= 0.9 * members and aligned > naive + 0.05, (aligned, naive, members)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_recalibrate_bn_recomputes_statistics_on_the_data(tmp_path):
+    a, b = _trained(_conv_bn, 7, epochs=2), _trained(_conv_bn, 8, epochs=2)
+    a.save(tmp_path / "a.keras")
+    b.save(tmp_path / "b.keras")
+    proc = merge("fedavg", "a.keras", "b.keras", "-o", "m.keras", "--recalibrate-bn", cwd=tmp_path)
+    assert proc.returncode == 2 and "--recalibrate-bn needs --data" in proc.stderr
+    ok(merge("fedavg", "a.keras", "b.keras", "-o", "plain.keras", "--align", cwd=tmp_path))
+    proc = ok(merge("fedavg", "a.keras", "b.keras", "-o", "fixed.keras", "--align", "--recalibrate-bn",
+                    "--data", "digits", cwd=tmp_path))
+    assert "recomputed on digits in 1 layer" in proc.stdout
+    fixed = tf.keras.models.load_model(tmp_path / "fixed.keras", compile=False)
+    # The statistics are now those of the merged model's own conv1 outputs on the training data.
+    data = load_dataset("digits")
+    h = fixed.get_layer("c1")(tf.constant(data.x_train))
+    bn = fixed.get_layer("bn1")
+    np.testing.assert_allclose(bn.moving_mean.numpy(), h.numpy().mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-5)
+    assert _accuracy(tmp_path / "fixed.keras") >= _accuracy(tmp_path / "plain.keras") - 0.01
+
+
+def test_auto_averages_models_that_share_a_start(tmp_path):
+    base = _trained("mlp", 9, epochs=2)
+    data = load_dataset("digits")
+    for name, part in (("a", slice(0, 700)), ("b", slice(700, None))):
+        model = build_model("mlp", (8, 8, 1), 10)
+        model.set_weights(base.get_weights())
+        model.compile(tf.keras.optimizers.Adam(1e-3),
+                      tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(data.x_train[part], data.y_train[part], epochs=1, verbose=0)
+        model.save(tmp_path / f"{name}.keras")
+    proc = ok(merge("auto", "a.keras", "b.keras", "--data", "digits", "-o", "out.keras", cwd=tmp_path))
+    assert proc.stdout.startswith("average -> out.keras")
+    assert _accuracy(tmp_path / "out.keras") > 0.8
+
+
+def test_auto_chooses_by_the_barrier():
+    from merge.auto import decide
+
+    def res(naive, aligned, ends=0.2):
+        rows = [{"alpha": 0.0, "loss": ends}, {"alpha": 1.0, "loss": ends}]
+        return {"curves": {"naive": rows}, "barrier": {"naive": naive, "aligned": aligned}}
+
+    assert decide(res(0.05, 0.02))[0] == "average"
+    assert decide(res(1.0, 0.05))[0] == "align"
+    choice, why = decide(res(1.0, 0.8))
+    assert choice == "ensemble" and "combine their predictions" in why
