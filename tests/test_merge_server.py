@@ -72,8 +72,9 @@ def test_fedavgm_without_momentum_is_fedavg(tmp_path):
 
 def test_federated_rounds_with_server_momentum(tmp_path):
     ok(run([sys.executable, "-m", "launch", "federated", "--clients", "2", "--rounds", "2", "--model", "mlp",
-            "--server-opt", "fedavgm", "--out", "fed"], cwd=tmp_path, timeout=600))
+            "--server-opt", "fedavgm", "--aggregator", "median", "--out", "fed"], cwd=tmp_path, timeout=600))
     rows = list(csv.DictReader(open(tmp_path / "fed" / "rounds.csv")))
     assert len(rows) == 2 and float(rows[-1]["global_accuracy"]) > 0.3
     assert manifest(tmp_path / "fed" / "round-002" / "global")["server"]["rule"] == "fedavgm"
+    assert manifest(tmp_path / "fed" / "round-002" / "average")["aggregator"] == "median"
     assert (tmp_path / "fed" / "server_state.h5").exists()
