@@ -181,10 +181,15 @@ class TFCheckpointSource(Source):
         self._shapes = self.reader.get_variable_to_shape_map()
         self._dtypes = self.reader.get_variable_to_dtype_map()
         masks = {}
-        for section, full_name, key in _variables(graph):
+        found = _variables(graph)
+        # A trainer checkpoint (tf.train.Checkpoint(model=..., optimizer=..., pruning=..., proximal=...))
+        # keeps the weights under "model"; everything beside it is training state. A checkpoint of
+        # model.save_weights has the model at its root.
+        sections = {section for section, _, _ in found}
+        for section, full_name, key in found:
             if section == "pruning":
                 masks[full_name] = key
-            elif section not in ("optimizer", "frozen", "save_counter"):
+            elif section == "model" if "model" in sections else section not in ("optimizer", "save_counter"):
                 self._tensors[full_name] = key
         safe = {n.replace(":", "_").replace("/", "_") + "_0_mask": n for n in self._tensors}
         self._masks = {safe[m]: k for m, k in masks.items() if m in safe}

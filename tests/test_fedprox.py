@@ -45,3 +45,15 @@ def test_proximal_clients_stay_identical_across_ranks(runs):
 def test_negative_mu_is_refused(tmp_path):
     proc = trainer("--model", "mlp", "--prox-mu", "-1", "--out", "x", cwd=tmp_path)
     assert proc.returncode == 2 and "--prox-mu must be a finite number >= 0" in proc.stderr
+
+
+def test_proximal_clients_merge_without_their_anchors(runs):
+    """The anchor is training state in the checkpoint, not a model weight."""
+    import json
+    import sys
+
+    from conftest import run
+    ok(run([sys.executable, "-m", "merge", "fedavg", "mu0", "mu1", "-o", "merged"], cwd=runs))
+    info = json.loads(ok(run([sys.executable, "-m", "merge", "inspect", "mu1", "--json"], cwd=runs)).stdout)
+    names = {t["name"] for t in info["tensors"]}
+    assert names == {f"{layer}/{w}" for layer in ("dense1", "dense2", "logits") for w in ("kernel", "bias")}
