@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .inputs import Inputs
+from .inputs import Inputs, tensor_differences
 from .naming import VariableLayout
 from .sources import open_source
 
@@ -54,18 +54,10 @@ def diff(a: str, b: str) -> list[str]:
     An empty list means `merge fedavg A B` would average them."""
     with Inputs([a, b]) as inputs:
         sa, sb = inputs.sources
-        problems = []
-        ka, kb = sa.keys(), set(sb.keys())
-        for k in ka:
-            if k not in kb:
-                problems.append(f"tensor {k}: only in {a}")
-            else:
-                (sha, da), (shb, db) = sa.info(k), sb.info(k)
-                if sha != shb:
-                    problems.append(f"tensor {k}: shape {sha} in {a}, {shb} in {b}")
-                elif da != db:
-                    problems.append(f"tensor {k}: dtype {da} in {a}, {db} in {b}")
-        problems += [f"tensor {k}: only in {b}" for k in sb.keys() if k not in set(ka)]
+        problems = [{"missing": f"tensor {k}: only in {a}", "extra": f"tensor {k}: only in {b}",
+                     "shape": f"tensor {k}: shape {x} in {a}, {y} in {b}",
+                     "dtype": f"tensor {k}: dtype {x} in {a}, {y} in {b}"}[kind]
+                    for kind, k, x, y in tensor_differences(sa, sb)]
         if sa.lineage and sb.lineage and sa.lineage != sb.lineage:
             problems.append(f"lineage: different initializations ({sa.lineage[:19]}... vs {sb.lineage[:19]}...); "
                             "average only with --force, or use `merge ensemble`")

@@ -70,25 +70,37 @@ class Inputs:
         keys = first.keys()
         if not keys:
             raise UsageError(f"{first.path}: holds no model weights")
+        same = "the inputs are not the same architecture"
         for s in self.sources[1:]:
-            theirs = set(s.keys())
-            for k in keys:
-                if k not in theirs:
-                    raise UsageError(f"{s.path}: tensor {k} is missing (present in {first.path}); "
-                                     "the inputs are not the same architecture")
-            ours = set(keys)
-            for k in s.keys():
-                if k not in ours:
-                    raise UsageError(f"{s.path}: tensor {k} is not in {first.path}; "
-                                     "the inputs are not the same architecture")
-            for k in keys:
-                (sa, da), (sb, db) = first.info(k), s.info(k)
-                if sa != sb:
-                    raise UsageError(f"{s.path}: tensor {k} has shape {sb}, {first.path} has {sa}; "
-                                     "the inputs are not the same architecture")
-                if da != db:
-                    raise UsageError(f"{s.path}: tensor {k} is {db}, {first.path} has {da}")
+            for kind, k, ours, theirs in tensor_differences(first, s):
+                raise UsageError({
+                    "missing": f"{s.path}: tensor {k} is missing (present in {first.path}); {same}",
+                    "extra": f"{s.path}: tensor {k} is not in {first.path}; {same}",
+                    "shape": f"{s.path}: tensor {k} has shape {theirs}, {first.path} has {ours}; {same}",
+                    "dtype": f"{s.path}: tensor {k} is {theirs}, {first.path} has {ours}",
+                }[kind])
         return keys
+
+
+def tensor_differences(first: Source, other: Source):
+    """(kind, key, first's, other's) for each way `other`'s tensors differ
+    from `first`'s: "missing", "extra", then "shape" or "dtype". Both
+    `check_tensors` (first one is an error) and `merge diff` (all) read it."""
+    keys, theirs = first.keys(), set(other.keys())
+    for k in keys:
+        if k not in theirs:
+            yield "missing", k, None, None
+    ours = set(keys)
+    for k in other.keys():
+        if k not in ours:
+            yield "extra", k, None, None
+    for k in keys:
+        if k in theirs:
+            (sa, da), (sb, db) = first.info(k), other.info(k)
+            if sa != sb:
+                yield "shape", k, sa, sb
+            elif da != db:
+                yield "dtype", k, da, db
 
 
 def _refuse_duplicates(paths: list[str]) -> None:
