@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from .inputs import Inputs, tensor_differences
-from .naming import VariableLayout
-from .sources import open_source
+from trainer.files.naming import VariableLayout
+from trainer.files.sources import open_source
 
 
 def inspect(path: str) -> dict:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from trainer.errors import UsageError
 
-from .naming import VariableLayout
-from .sources import H5Source, Source, open_source
+from trainer.files.naming import VariableLayout
+from trainer.files.sources import H5Source, Source, open_source
 
 
 class Inputs:

@@ -23,7 +23,7 @@ import numpy as np
 from trainer.checkpoint import FORMAT
 from trainer.errors import UsageError
 
-from .naming import KerasNames
+from trainer.files.naming import KerasNames
 
 KERAS_VERSION = "2.15.0"
 

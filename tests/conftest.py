@@ -58,10 +58,14 @@ def free_port() -> int:
 
 
 def keras_weights(path) -> dict:
-    import tensorflow as tf
+    """{key (trainer.varnames): value} of a .keras file, loaded as a user would."""
+    import keras
+    import numpy as np
+
     import trainer.models  # noqa: F401  (registers custom layers)
-    model = tf.keras.models.load_model(path, compile=False)
-    return {w.name: w.numpy() for w in model.weights}
+    from trainer.varnames import keyed
+    model = keras.models.load_model(path, compile=False)
+    return {k: np.asarray(w.numpy()) for k, w in keyed(model.weights).items()}
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from merge.naming import VariableLayout
-from merge.sources import open_source
+from trainer.files.naming import VariableLayout
+from trainer.files.sources import open_source
 from trainer.models import build_model, model_names
 
 

@@ -46,7 +46,8 @@ def fingerprint(variables) -> str:
     Taken of the initial weights it is the run's lineage: two runs that share
     it started from the same initialization and may be averaged.
     """
-    return fingerprint_arrays((v.name, v.numpy()) for v in variables)
+    from .varnames import keyed
+    return fingerprint_arrays((k, np.asarray(v.numpy())) for k, v in keyed(variables).items())
 
 
 def fingerprint_arrays(named_arrays) -> str:
@@ -145,6 +146,40 @@ class RunDir:
         if self.ckpt_root.exists():
             for p in self.ckpt_root.glob(".ckpt-*.tmp"):
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def keyed_module(variables, name: str):
+    """A tf.Module holding `variables` under their keys (varnames.keys), or
+    under the keys of a {key: variable} dict.
+
+
+    A Keras 3 model is not a tf.train.Checkpoint dependency graph of its
+    layers (it tracks its variables only through the optimizer), so the
+    checkpoint names every variable itself: `model/vars/dense1.Skernel`, with
+    the object graph's full_name `dense1/kernel`, the same name a Keras 2
+    checkpoint gave it. Readers (merge, --init) go by that name.
+    """
+    import tensorflow as tf
+
+    from .varnames import keyed, tf_variable
+    module = tf.Module(name=name)
+    named = variables if isinstance(variables, dict) else keyed(variables)
+    module.vars = {k: tf_variable(v) for k, v in named.items()}
+    return module
+
+
+def state_checkpoint(model, optimizer=None, **extra):
+    """The trainer's tf.train.Checkpoint: model weights, optimizer state
+    (slots and step counter) and whatever else the run keeps (`extra`:
+    section -> {key of the weight it belongs to: variable}: pruning masks,
+    frozen values, FedProx anchors)."""
+    import tensorflow as tf
+    parts = {"model": keyed_module(model.weights, "model")}
+    if optimizer is not None:
+        parts["optimizer"] = keyed_module(optimizer.variables, "optimizer")
+    for name, variables in extra.items():
+        parts[name] = keyed_module(variables, name)
+    return tf.train.Checkpoint(**parts)
 
 
 def checkpoint_of(run_dir) -> tuple[str, dict]:

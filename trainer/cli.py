@@ -105,19 +105,22 @@ def cmd_slice(argv) -> int:
         raise UsageError(f"-o {dst} is the input; write the sliced model elsewhere")
     if dst.exists() and not args.overwrite:
         raise UsageError(f"-o {dst} exists; pass --overwrite or choose another path")
+    import keras
     import tensorflow as tf
+
     from . import models  # noqa: F401  (registers custom layers)
     from .checkpoint import export_keras
     from .pruning.structured import select_units, slice_checked, unit_masks
+    from .varnames import keyed
     try:
-        model = tf.keras.models.load_model(src, compile=False)
+        model = keras.models.load_model(src, compile=False, safe_mode=True)
     except Exception as e:
-        raise UsageError(f"{src}: not a loadable .keras model ({str(e).splitlines()[0][:150]})") from None
+        raise UsageError(f"{src}: not a loadable .keras model ({(str(e).splitlines() or [type(e).__name__])[0][:150]})") from None
     keep = select_units(model, args.fraction, layer_regex=args.layers)
     masks = unit_masks(model, keep)
-    for w in model.weights:
-        if w.name in masks:
-            w.assign(w * masks[w.name])
+    for name, w in keyed(model.weights).items():
+        if name in masks:
+            w.assign(w * masks[name])
     x = tf.random.stateless_uniform((64, *model.input_shape[1:]), seed=(0, 0))
     small, diff = slice_checked(model, keep, x)
     export_keras(small, dst)
@@ -139,9 +142,10 @@ def cmd_init(argv) -> int:
     from .init import write_init
     args = init_parser().parse_args(argv)
     data = load_data(Options(data=args.data, data_dir=args.data_dir, seed=args.seed), args.model)
-    import tensorflow as tf
+    import keras
+
     from .models import build_model
-    tf.keras.utils.set_random_seed(args.seed)
+    keras.utils.set_random_seed(args.seed)
     model = build_model(args.model, data.input_shape, data.num_classes)
     cfg = {"name": args.model, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
            "options": {}}

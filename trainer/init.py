@@ -40,51 +40,54 @@ def _keras_metadata(p: Path) -> dict:
 
 
 def load_initial_weights(model, path) -> None:
-    import tensorflow as tf
-    p = Path(path)
+    """Copy the weights `path` holds into `model`, by name.
+
+    Every format the merge reads is accepted, written by Keras 3 or by Keras 2
+    (this project's TF 2.15 runs and merges included), through the same
+    reader (trainer.files): a run or init directory, a merge directory, a
+    .keras, .weights.h5 or legacy .h5 file, a TF checkpoint prefix. Optimizer
+    state is never copied: a new run starts it fresh.
+    """
+    import numpy as np
+
+    from .files.naming import VariableLayout, serialized_config
+    from .files.sources import open_source
+    from .varnames import keyed
     try:
-        if p.is_dir() and ck.read_manifest(p).get("kind") == "merge":
-            # `merge fedavg -o DIR`: a Keras config and v3 weights file, unzipped.
-            source = tf.keras.saving.deserialize_keras_object(json.loads((p / "config.json").read_text()))
-            source.load_weights(str(p / "model.weights.h5"))
-            _copy_by_name(source, model)
-        elif p.is_dir():
-            prefix, _ = ck.checkpoint_of(p)
-            # A run's checkpoint also holds optimizer state; a new run starts fresh.
-            status = tf.train.Checkpoint(model=model).read(prefix).expect_partial()
-            status.assert_existing_objects_matched()
-        elif p.suffix == ".keras":
-            _copy_by_name(tf.keras.models.load_model(p, compile=False), model)
-        else:
-            model.load_weights(str(p))
-    except UsageError:
-        raise
-    except Exception as e:  # TF reports shape mismatches as several exception types
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UsageError(f"--init {path}: its weights do not fit model {model.name!r} ({first})") from None
-
-
-def _copy_by_name(source, target) -> None:
-    values = {w.name: w for w in source.weights}
-    for w in target.weights:
-        if w.name not in values:
-            raise UsageError(f"tensor {w.name} missing from the init file")
-        if tuple(values[w.name].shape) != tuple(w.shape):
-            raise UsageError(f"tensor {w.name}: shape {tuple(values[w.name].shape)} in the init file, "
-                             f"{tuple(w.shape)} in the model")
-        w.assign(values[w.name])
+        src = open_source(path)
+    except UsageError as e:
+        raise UsageError(f"--init {e}") from None
+    try:
+        if src.family == "keras":
+            layout = VariableLayout(model=model)
+            if src.needs_architecture:  # a bare .weights.h5: named by our own model's layers
+                src.bind(serialized_config(model))
+            src.rename(layout.var_of, "variables")
+        targets = keyed(model.weights)
+        values = {}
+        for name, variable in targets.items():
+            if name not in src.keys():
+                raise UsageError(f"--init {path}: tensor {name} missing; its weights do not fit model "
+                                 f"{model.name!r} (it holds {', '.join(src.keys()[:6]) or 'no weights'})")
+            shape, _ = src.info(name)
+            if tuple(shape) != tuple(variable.shape):
+                raise UsageError(f"--init {path}: tensor {name} has shape {tuple(shape)}, model "
+                                 f"{model.name!r} needs {tuple(variable.shape)}")
+            values[name] = np.asarray(src.read(name))
+    finally:
+        src.close()
+    for name, variable in targets.items():  # only once everything was read
+        variable.assign(values[name])
 
 
 def write_init(out, model, model_cfg: dict) -> str:
     """An init directory: one checkpoint of the weights, a manifest, a .keras copy."""
-    import tensorflow as tf
     run_dir = ck.RunDir(out, keep=1)
     if run_dir.exists():
         raise UsageError(f"--out {out} already exists; choose another directory")
     lineage = ck.fingerprint(model.weights)
     run_dir.write_manifest({"kind": "init", "model": model_cfg, "lineage": lineage,
                             "versions": ck.package_versions(), "step": 0, "samples_seen": 0})
-    run_dir.save(tf.train.Checkpoint(model=model), {"epoch": 0, "offset": 0, "step": 0, "samples_seen": 0},
-                 {})
+    run_dir.save(ck.state_checkpoint(model), {"epoch": 0, "offset": 0, "step": 0, "samples_seen": 0}, {})
     ck.export_keras(model, run_dir.path / "model.keras")
     return lineage

@@ -190,11 +190,13 @@ def run(o: Options) -> dict:
 
 
 def _build(o: Options, backend, data, model_cfg: dict, prune_cfg=None):
-    import tensorflow as tf
+    import keras
+
+    from . import checkpoint as ck
     from .masking import Masking
     from .models import build_model
     from .optim import make_optimizer
-    tf.keras.utils.set_random_seed(o.seed)  # the same initial weights on every process
+    keras.utils.set_random_seed(o.seed)  # the same initial weights on every process
     steps_per_epoch = max(1, len(data.x_train) // (o.batch_size * o.accum_steps * backend.num_replicas))
     with backend.scope():
         model = build_model(model_cfg["name"], tuple(data.input_shape), data.num_classes, **model_cfg["options"])
@@ -205,12 +207,12 @@ def _build(o: Options, backend, data, model_cfg: dict, prune_cfg=None):
     total_steps = o.max_steps or o.epochs * steps_per_epoch
     masks = Masking(o, model, backend, total_steps, prune_cfg)
     prox = None
-    extra = masks.trackables()
+    extra = masks.checkpoint_entries()
     if o.prox_mu is not None:
         from .proximal import Proximal
         prox = Proximal(model, backend, o.prox_mu)
-        extra["proximal"] = prox.trackable
-    return model, optimizer, masks, prox, tf.train.Checkpoint(model=model, optimizer=optimizer, **extra)
+        extra.update(prox.checkpoint_entries)
+    return model, optimizer, masks, prox, ck.state_checkpoint(model, optimizer, **extra)
 
 
 def _restore(o: Options, plan: dict, model, checkpoint):

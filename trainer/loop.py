@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 import numpy as np
+import keras
 import tensorflow as tf
 
 from . import sharding
@@ -30,7 +31,7 @@ class TrainState:
 
 
 def per_sample_loss(y, logits):
-    return tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+    return keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
 
 
 def make_replica_step(model, optimizer, backend: Backend, accum_steps: int = 1,

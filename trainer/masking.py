@@ -20,7 +20,7 @@ class Masking:
         if prune_cfg:
             from .pruning.pruner import Pruner
             # Frozen entries keep their values, so pruning must not pick them.
-            protected = {v.name: mask == 0 for v, mask in self.freezer.chosen} if self.freezer else {}
+            protected = {k: mask == 0 for k, _, mask in self.freezer.chosen} if self.freezer else {}
             self.pruner = Pruner(model, prune_cfg, backend, total_steps, protected)
         self.sets = [x.maskset for x in (self.pruner, self.freezer) if x]
         self.checked_steps = 0
@@ -30,12 +30,11 @@ class Masking:
     def variables(self) -> list:
         return [v for s in self.sets for v in s.masks + s.values]
 
-    def trackables(self) -> dict:
+    def checkpoint_entries(self) -> dict:
+        """Checkpoint sections {name: {weight key: variable}} (see checkpoint.state_checkpoint)."""
         out = {}
-        if self.pruner:
-            out["pruning"] = self.pruner.maskset.trackable
-        if self.freezer:
-            out["frozen"] = self.freezer.maskset.trackable
+        for s in self.sets:
+            out.update(s.checkpoint_entries())
         return out
 
     def start(self) -> None:
@@ -73,7 +72,7 @@ class Masking:
     def _report(self, run_dir, reporter, summary: dict, sample) -> None:
         from .pruning.export import export_savedmodel, save_sparse
         from .pruning.report import format_table, plot_sparsity, sparsity_rows
-        masks = {v.name: m.numpy() for v, m in zip(self.pruner.maskset.targets, self.pruner.maskset.masks)}
+        masks = {k: m.numpy() for k, m in zip(self.pruner.maskset.names, self.pruner.maskset.masks)}
         rows = sparsity_rows(self.model, masks)
         reporter.line(format_table(rows))
         plot_sparsity(rows, run_dir.path / "sparsity.png")

@@ -1,4 +1,4 @@
-"""Model registry: every model is a functional ``tf.keras.Model`` that outputs logits.
+"""Model registry: every model is a functional ``keras.Model`` (Keras 3) that outputs logits.
 
 ``build_model(name, input_shape, num_classes, **options)`` builds either a model
 from the registry ``MODELS`` or, for ``name="package.module:function"``, a
@@ -6,7 +6,7 @@ user's own Keras model.
 
 Conventions shared by every registry model:
 
-* The input layer is ``tf.keras.Input(shape=input_shape, name="input")``.
+* The input layer is ``keras.Input(shape=input_shape, name="input")``.
 * The last layer is a linear ``Dense(num_classes, name="logits")``: no softmax,
   train with ``from_logits=True``.
 * Every layer has an explicit, deterministic name, so two models built from the
@@ -24,6 +24,7 @@ import inspect
 import numbers
 from typing import Callable
 
+import keras
 import tensorflow as tf
 
 from trainer.errors import UsageError
@@ -43,14 +44,15 @@ __all__ = [
 # --------------------------------------------------------------------------
 
 
-@tf.keras.utils.register_keras_serializable(package="trainer")
-class LocalResponseNormalization(tf.keras.layers.Layer):
+@keras.saving.register_keras_serializable(package="trainer")
+class LocalResponseNormalization(keras.layers.Layer):
     """``tf.nn.local_response_normalization`` as a serializable Keras layer.
 
     Defaults are those of TensorFlow's CIFAR-10 tutorial (``norm1``/``norm2``).
     Registered as ``trainer>LocalResponseNormalization`` so that a ``.keras``
-    file loads with plain ``tf.keras.models.load_model`` once ``trainer.models``
-    is imported (no Lambda layer, so safe mode works).
+    file loads with plain ``keras.models.load_model`` once ``trainer.models``
+    is imported (Keras 3 imports no module a file names, other than its own;
+    no Lambda layer, so safe mode works).
     """
 
     def __init__(self, depth_radius=4, bias=1.0, alpha=0.001 / 9.0, beta=0.75, **kwargs):
@@ -70,7 +72,7 @@ class LocalResponseNormalization(tf.keras.layers.Layer):
         )
 
     def compute_output_shape(self, input_shape):
-        return tf.TensorShape(input_shape)
+        return tuple(input_shape)
 
     def get_config(self):
         config = super().get_config()
@@ -137,7 +139,7 @@ def _check_shape(input_shape, model_name, ranks, hint=""):
 
 
 def _logits(x, num_classes, **kwargs):
-    return tf.keras.layers.Dense(num_classes, name="logits", **kwargs)(x)
+    return keras.layers.Dense(num_classes, name="logits", **kwargs)(x)
 
 
 # --------------------------------------------------------------------------
@@ -150,15 +152,15 @@ def digits_cnn(input_shape, num_classes, **options):
     shape = _check_shape(input_shape, "digits_cnn", {3}, " (H, W, C), e.g. (8, 8, 1)")
     if min(shape[:2]) < 3:
         raise UsageError(f"digits_cnn needs images of at least 3x3 pixels, got input shape {shape}")
-    inputs = tf.keras.Input(shape=shape, name="input")
-    x = tf.keras.layers.Conv2D(32, 3, padding="same", activation="relu", name="conv1")(inputs)
+    inputs = keras.Input(shape=shape, name="input")
+    x = keras.layers.Conv2D(32, 3, padding="same", activation="relu", name="conv1")(inputs)
     # conv2 is VALID (8x8 -> 6x6): fewer dense weights, and it trains faster and
     # more reliably on digits than a SAME conv2.
-    x = tf.keras.layers.Conv2D(64, 3, padding="valid", activation="relu", name="conv2")(x)
-    x = tf.keras.layers.MaxPooling2D(2, padding="same", name="pool1")(x)
-    x = tf.keras.layers.Flatten(name="flatten")(x)
-    x = tf.keras.layers.Dense(128, activation="relu", name="dense1")(x)
-    return tf.keras.Model(inputs, _logits(x, num_classes), name="digits_cnn")
+    x = keras.layers.Conv2D(64, 3, padding="valid", activation="relu", name="conv2")(x)
+    x = keras.layers.MaxPooling2D(2, padding="same", name="pool1")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dense(128, activation="relu", name="dense1")(x)
+    return keras.Model(inputs, _logits(x, num_classes), name="digits_cnn")
 
 
 def cifar10_cnn(input_shape, num_classes, **options):
@@ -169,80 +171,73 @@ def cifar10_cnn(input_shape, num_classes, **options):
     local3/local4 (0.004) is a training choice and is not added here.
     """
     shape = _check_shape(input_shape, "cifar10_cnn", {3}, " (H, W, C), e.g. (32, 32, 3)")
-    tn = tf.keras.initializers.TruncatedNormal
-    const = tf.keras.initializers.Constant
-    inputs = tf.keras.Input(shape=shape, name="input")
-    x = tf.keras.layers.Conv2D(
+    tn = keras.initializers.TruncatedNormal
+    const = keras.initializers.Constant
+    inputs = keras.Input(shape=shape, name="input")
+    x = keras.layers.Conv2D(
         64, 5, padding="same", activation="relu", name="conv1",
         kernel_initializer=tn(stddev=5e-2), bias_initializer=const(0.0),
     )(inputs)
-    x = tf.keras.layers.MaxPooling2D(3, strides=2, padding="same", name="pool1")(x)
+    x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="pool1")(x)
     x = LocalResponseNormalization(4, bias=1.0, alpha=0.001 / 9.0, beta=0.75, name="norm1")(x)
-    x = tf.keras.layers.Conv2D(
+    x = keras.layers.Conv2D(
         64, 5, padding="same", activation="relu", name="conv2",
         kernel_initializer=tn(stddev=5e-2), bias_initializer=const(0.1),
     )(x)
     x = LocalResponseNormalization(4, bias=1.0, alpha=0.001 / 9.0, beta=0.75, name="norm2")(x)
-    x = tf.keras.layers.MaxPooling2D(3, strides=2, padding="same", name="pool2")(x)
-    x = tf.keras.layers.Flatten(name="flatten")(x)
-    x = tf.keras.layers.Dense(
+    x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="pool2")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dense(
         384, activation="relu", name="local3",
         kernel_initializer=tn(stddev=0.04), bias_initializer=const(0.1),
     )(x)
-    x = tf.keras.layers.Dense(
+    x = keras.layers.Dense(
         192, activation="relu", name="local4",
         kernel_initializer=tn(stddev=0.04), bias_initializer=const(0.1),
     )(x)
     logits = _logits(
         x, num_classes, kernel_initializer=tn(stddev=1 / 192.0), bias_initializer=const(0.0)
     )
-    return tf.keras.Model(inputs, logits, name="cifar10_cnn")
+    return keras.Model(inputs, logits, name="cifar10_cnn")
 
 
 def mlp(input_shape, num_classes, **options):
     """Flatten, dense 256 relu, dense 128 relu, logits; ``dropout`` after each hidden layer."""
     shape = _check_shape(input_shape, "mlp", {1, 2, 3, 4, 5})
     dropout = _rate(options, "dropout")
-    inputs = tf.keras.Input(shape=shape, name="input")
-    x = tf.keras.layers.Flatten(name="flatten")(inputs)
-    x = tf.keras.layers.Dense(256, activation="relu", name="dense1")(x)
+    inputs = keras.Input(shape=shape, name="input")
+    x = keras.layers.Flatten(name="flatten")(inputs)
+    x = keras.layers.Dense(256, activation="relu", name="dense1")(x)
     if dropout > 0:
-        x = tf.keras.layers.Dropout(dropout, name="dropout1")(x)
-    x = tf.keras.layers.Dense(128, activation="relu", name="dense2")(x)
+        x = keras.layers.Dropout(dropout, name="dropout1")(x)
+    x = keras.layers.Dense(128, activation="relu", name="dense2")(x)
     if dropout > 0:
-        x = tf.keras.layers.Dropout(dropout, name="dropout2")(x)
-    return tf.keras.Model(inputs, _logits(x, num_classes), name="mlp")
+        x = keras.layers.Dropout(dropout, name="dropout2")(x)
+    return keras.Model(inputs, _logits(x, num_classes), name="mlp")
 
 
 def _lstm(x, options, units=64):
     """LSTM(units) on a (batch, T, F) tensor, with variational dropout.
 
-    Keras's RNN cells draw ONE dropout mask per sequence (shape (batch, F) for
-    the inputs, (batch, units) for the recurrent state), cache it, and reuse it
-    at every time step -- variational dropout (Gal & Ghahramani, 2016), not a
-    fresh mask per step. In Keras 2.15 that holds on the step-by-step cell path,
-    which the LSTM uses whenever recurrent_dropout > 0.
-
-    With recurrent_dropout == 0, however, ``tf.keras.layers.LSTM`` takes its
-    fused (cuDNN-compatible) path and applies input dropout to the whole
-    (batch, T, F) sequence with a mask of that same shape, i.e. a different mask
-    at every time step (tensorflow/tensorflow#40215). To keep the dropout
-    variational in that case, the input dropout is done by a Dropout layer with
-    noise_shape (batch, 1, F) -- one mask per sequence, broadcast over time,
-    shared by the four gates exactly as the fused path shares it -- and the LSTM
-    gets dropout=0. The Dropout layer has no weights, so weight names are the
-    same either way.
+    Variational dropout (Gal & Ghahramani, 2016) draws ONE mask per sequence
+    and reuses it at every time step. Keras 3 does so on both of its LSTM
+    paths; Keras 2's fused path (taken whenever recurrent_dropout == 0) drew a
+    fresh mask per step (tensorflow/tensorflow#40215). The input dropout is
+    therefore a Dropout layer of our own with noise_shape (batch, 1, F): one
+    mask per sequence, broadcast over time, by construction rather than by a
+    Keras code path, and visible to a test. It has no weights, so weight names
+    are the same either way. Recurrent dropout stays inside the cell.
     """
     dropout = _rate(options, "dropout")
     recurrent_dropout = _rate(options, "recurrent_dropout")
     stateful = bool(options.get("stateful", False))
     if dropout > 0 and recurrent_dropout == 0:
         features = x.shape[-1]
-        x = tf.keras.layers.Dropout(
+        x = keras.layers.Dropout(
             dropout, noise_shape=(None, 1, features), name="lstm_input_dropout"
         )(x)
         dropout = 0.0
-    return tf.keras.layers.LSTM(
+    return keras.layers.LSTM(
         units,
         dropout=dropout,
         recurrent_dropout=recurrent_dropout,
@@ -257,14 +252,14 @@ def lstm(input_shape, num_classes, **options):
         input_shape, "lstm", {2, 3}, " ((T, F) sequences, or (H, W, C) images read row by row)"
     )
     batch_size = _batch_size_for(options, "lstm")
-    inputs = tf.keras.Input(shape=shape, batch_size=batch_size, name="input")
+    inputs = keras.Input(shape=shape, batch_size=batch_size, name="input")
     x = inputs
     if len(shape) == 3:
         h, w, c = shape
         # Rows are time steps, each row's pixels (and channels) are the features.
-        x = tf.keras.layers.Reshape((h, w * c), name="to_sequence")(x)
+        x = keras.layers.Reshape((h, w * c), name="to_sequence")(x)
     x = _lstm(x, options)
-    return tf.keras.Model(inputs, _logits(x, num_classes), name="lstm")
+    return keras.Model(inputs, _logits(x, num_classes), name="lstm")
 
 
 def cnn_lstm(input_shape, num_classes, **options):
@@ -283,22 +278,22 @@ def cnn_lstm(input_shape, num_classes, **options):
 
     # The per-frame CNN is its own small functional model, applied to every
     # frame with shared weights by TimeDistributed.
-    frame = tf.keras.Input(shape=shape[1:], name="frame")
-    f = tf.keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="frame_conv1")(frame)
-    f = tf.keras.layers.MaxPooling2D(2, padding="same", name="frame_pool1")(f)
-    f = tf.keras.layers.Conv2D(32, 3, padding="same", activation="relu", name="frame_conv2")(f)
-    f = tf.keras.layers.MaxPooling2D(2, padding="same", name="frame_pool2")(f)
-    f = tf.keras.layers.Flatten(name="frame_flatten")(f)
-    f = tf.keras.layers.Dense(64, activation="relu", name="frame_dense")(f)
-    frame_cnn = tf.keras.Model(frame, f, name="frame_cnn")
+    frame = keras.Input(shape=shape[1:], name="frame")
+    f = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="frame_conv1")(frame)
+    f = keras.layers.MaxPooling2D(2, padding="same", name="frame_pool1")(f)
+    f = keras.layers.Conv2D(32, 3, padding="same", activation="relu", name="frame_conv2")(f)
+    f = keras.layers.MaxPooling2D(2, padding="same", name="frame_pool2")(f)
+    f = keras.layers.Flatten(name="frame_flatten")(f)
+    f = keras.layers.Dense(64, activation="relu", name="frame_dense")(f)
+    frame_cnn = keras.Model(frame, f, name="frame_cnn")
 
-    inputs = tf.keras.Input(shape=shape, batch_size=batch_size, name="input")
-    x = tf.keras.layers.TimeDistributed(frame_cnn, name="frame_cnn_td")(inputs)
+    inputs = keras.Input(shape=shape, batch_size=batch_size, name="input")
+    x = keras.layers.TimeDistributed(frame_cnn, name="frame_cnn_td")(inputs)
     x = _lstm(x, options)
-    return tf.keras.Model(inputs, _logits(x, num_classes), name="cnn_lstm")
+    return keras.Model(inputs, _logits(x, num_classes), name="cnn_lstm")
 
 
-MODELS: dict[str, Callable[..., tf.keras.Model]] = {
+MODELS: dict[str, Callable[..., keras.Model]] = {
     "digits_cnn": digits_cnn,
     "cifar10_cnn": cifar10_cnn,
     "mlp": mlp,
@@ -371,20 +366,20 @@ def _build_user_model(name, input_shape, num_classes, options):
         )
     # Options the user's function does not declare are ignored, as for registry models.
     model = function(input_shape, num_classes, **_accepted_options(function, options))
-    if not isinstance(model, tf.keras.Model):
+    if not isinstance(model, keras.Model):
         raise UsageError(
             f"model {name!r}: {module_name}.{function_name}(input_shape, num_classes, ...) "
-            f"returned {type(model).__name__}, not a tf.keras.Model; {_choices()}"
+            f"returned {type(model).__name__}, not a keras.Model; {_choices()}"
         )
     return model
 
 
-def build_model(name: str, input_shape: tuple, num_classes: int, **options) -> tf.keras.Model:
+def build_model(name: str, input_shape: tuple, num_classes: int, **options) -> keras.Model:
     """Build model ``name`` for inputs of ``input_shape`` (no batch dim) and ``num_classes``.
 
     ``name`` is a key of ``MODELS`` or ``package.module:function``; the latter is
     called as ``function(input_shape, num_classes, **options)`` and must return a
-    ``tf.keras.Model``. Raises ``UsageError`` for anything the user can fix.
+    ``keras.Model``. Raises ``UsageError`` for anything the user can fix.
     """
     if not isinstance(name, str) or not name.strip():
         raise UsageError(f"no model name given; {_choices()}")
@@ -413,15 +408,15 @@ def build_model(name: str, input_shape: tuple, num_classes: int, **options) -> t
 
 def _walk(layer):
     """Every layer inside ``layer``, recursing into nested models and wrappers."""
-    if isinstance(layer, tf.keras.Model):
+    if isinstance(layer, keras.Model):
         for sub in layer.layers:
             yield from _walk(sub)
         return
     yield layer
-    if isinstance(layer, tf.keras.layers.Bidirectional):
+    if isinstance(layer, keras.layers.Bidirectional):
         yield from _walk(layer.forward_layer)
         yield from _walk(layer.backward_layer)
-    elif isinstance(layer, tf.keras.layers.Wrapper):
+    elif isinstance(layer, keras.layers.Wrapper):
         yield from _walk(layer.layer)
 
 

@@ -1,6 +1,7 @@
 """Optimizer and the learning-rate rule for a larger global batch."""
 from __future__ import annotations
 
+import keras
 import tensorflow as tf
 
 from .errors import UsageError
@@ -8,8 +9,8 @@ from .errors import UsageError
 OPTIMIZERS = ("adam", "sgd", "momentum")
 
 
-@tf.keras.utils.register_keras_serializable(package="trainer")
-class WarmupScaled(tf.keras.optimizers.schedules.LearningRateSchedule):
+@keras.saving.register_keras_serializable(package="trainer")
+class WarmupScaled(keras.optimizers.schedules.LearningRateSchedule):
     """Ramp linearly from `base_lr` to `base_lr * scale` over `warmup_steps`.
 
     The rule of Goyal et al. (2017) that Horovod recommends. Horovod's own
@@ -40,5 +41,5 @@ def make_optimizer(name: str, lr: float, scale: float, warmup_steps: int):
         raise UsageError(f"--lr must be positive, got {lr}")
     schedule = WarmupScaled(lr, scale, warmup_steps)
     if name == "adam":
-        return tf.keras.optimizers.Adam(schedule)
-    return tf.keras.optimizers.SGD(schedule, momentum=0.9 if name == "momentum" else 0.0)
+        return keras.optimizers.Adam(schedule)
+    return keras.optimizers.SGD(schedule, momentum=0.9 if name == "momentum" else 0.0)

@@ -14,16 +14,17 @@ import tensorflow as tf
 
 class Proximal:
     def __init__(self, model, backend, mu: float):
+        from .varnames import key_map, safe
         self.mu = float(mu)
+        names = key_map(model.weights)
         self.variables = list(model.trainable_variables)
+        self.names = [names[id(v)] for v in self.variables]
         with backend.scope():
-            self.anchor = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False,
-                                       name=v.name.split(":")[0].replace("/", "_") + "_start")
-                           for v in self.variables]
+            self.anchor = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name=safe(k) + "_start")
+                           for k, v in zip(self.names, self.variables)]
         # In the checkpoint, so that a resumed client keeps pulling towards
         # the round's start, not towards wherever it was interrupted.
-        self.trackable = tf.Module(name="proximal")
-        self.trackable.anchor = self.anchor
+        self.checkpoint_entries = {"proximal": dict(zip(self.names, self.anchor))}
 
     def start(self) -> None:
         """Remember the starting weights (after --init and the broadcast)."""
@@ -31,10 +32,10 @@ class Proximal:
             a.assign(v)
 
     def grad_hook(self, grads, variables):
-        index = {v.ref(): i for i, v in enumerate(self.variables)}
+        index = {id(v): i for i, v in enumerate(self.variables)}
         out = list(grads)
         for i, v in enumerate(variables):
-            j = index.get(v.ref())
+            j = index.get(id(v))
             if j is not None and out[i] is not None:
-                out[i] = out[i] + self.mu * (v - self.anchor[j])
+                out[i] = out[i] + self.mu * (tf.convert_to_tensor(v) - self.anchor[j])
         return out

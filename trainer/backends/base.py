@@ -83,7 +83,7 @@ class Backend:
 
     def local_replica_values(self, variable) -> list:
         """This process's copy of `variable` for each replica it feeds."""
-        return [variable.numpy()]
+        return [np.asarray(variable.numpy())]
 
     def replica_fingerprints(self, variables) -> list[str]:
         """One hash of all `variables` per replica, in replica order, on every process."""
@@ -97,11 +97,13 @@ class Backend:
         # Gathered through allreduce_sum (each process fills its own rows of a
         # zero table) so every backend gets it without an object-gather op.
         from ..checkpoint import fingerprint_arrays
+        from ..varnames import keys
         table = np.zeros((self.num_replicas, len(groups), 32))
         for g, group in enumerate(groups):
             local = [list(self.local_replica_values(v)) for v in group]
+            names = keys(group)
             for i, replica in enumerate(self.local_replicas):
-                digest = fingerprint_arrays((v.name, vals[i]) for v, vals in zip(group, local))
+                digest = fingerprint_arrays((k, vals[i]) for k, vals in zip(names, local))
                 table[replica, g] = np.frombuffer(bytes.fromhex(digest[7:]), dtype=np.uint8)
         table = self.allreduce_sum(table)
         return [["sha256:" + bytes(table[r, g].astype(np.uint8).tolist()).hex() for r in range(self.num_replicas)]

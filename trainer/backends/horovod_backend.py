@@ -64,7 +64,14 @@ class HorovodBackend(Backend):
         return result
 
     def broadcast_variables(self, variables) -> None:
-        self.hvd.broadcast_variables(list(variables), root_rank=0)
+        # Values, not variables: hvd.broadcast_variables predates Keras 3
+        # and does not take its variables. One named op per variable, in
+        # the same order on every rank, is what Horovod matches ranks by.
+        from ..varnames import keys
+        variables = list(variables)
+        for name, v in zip(keys(variables), variables):
+            v.assign(self.hvd.broadcast(tf.convert_to_tensor(v), root_rank=0,
+                                        name="bcast." + name.replace("/", ".").replace("#", ".")))
 
     def broadcast_object(self, obj):
         return self.hvd.broadcast_object(obj, root_rank=0)

@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..errors import UsageError
+from ..varnames import tf_variable
 from .base import Backend
 
 
@@ -58,7 +59,7 @@ class StrategyBackend(Backend):
         # before the update lands).
         def update(strategy, var):
             strategy.extended.update(var, lambda v: v.assign(transform(v)))
-        tf.distribute.get_replica_context().merge_call(update, args=(variable,))
+        tf.distribute.get_replica_context().merge_call(update, args=(tf_variable(variable),))
 
     def allreduce_sum(self, values):
         values = np.asarray(values, dtype=np.float64)
@@ -71,7 +72,7 @@ class StrategyBackend(Backend):
         return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None).numpy()
 
     def local_replica_values(self, variable):
-        return [v.numpy() for v in self.strategy.experimental_local_results(variable)]
+        return [v.numpy() for v in self.strategy.experimental_local_results(tf_variable(variable))]
 
     def broadcast_object(self, obj):
         # Every worker computes the same plan from the same inputs; objects

@@ -74,8 +74,8 @@ def default_kernels(model) -> list:
     alone because its few weights carry every class: on digits_cnn pruning
     it to 80% cost 1.7 accuracy points, sparing it 0.6.
     """
-    import tensorflow as tf
-    kinds = (tf.keras.layers.Conv1D, tf.keras.layers.Conv2D, tf.keras.layers.Conv3D, tf.keras.layers.Dense)
+    import keras
+    kinds = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.Dense)
     layers = [l for l in _flat_layers(model) if isinstance(l, kinds)]
     return [l.kernel for l in layers[:-1]]
 
@@ -92,22 +92,25 @@ def _flat_layers(model):
 
 
 def select(model, cfg: PruneConfig) -> list[tuple]:
-    """(variable, target sparsity) for every weight to prune.
+    """(key, variable, target sparsity) for every weight to prune.
 
-    A weight is pruned when it matches --prune-layers (or, without it, is
-    one of the default kernels) or a per-layer key; per-layer keys set the
-    target, the first matching key in file order.
+    A weight is pruned when its key (``conv1/kernel``, see varnames) matches
+    --prune-layers (or, without it, is one of the default kernels) or a
+    per-layer key; per-layer keys set the target, the first matching key in
+    file order.
     """
-    variables = model.trainable_variables
-    default = {v.ref() for v in default_kernels(model)} if cfg.layers is None else set()
+    from ..varnames import key_map
+    names = key_map(model.weights)
+    variables = [(names[id(v)], v) for v in model.trainable_variables]
+    default = {id(v) for v in default_kernels(model)} if cfg.layers is None else set()
     chosen = []
-    for v in variables:
-        target = next((float(t) for k, t in cfg.per_layer.items() if re.search(k, v.name)), None)
-        if target is None and (v.ref() in default if cfg.layers is None else re.search(cfg.layers, v.name)):
+    for name, v in variables:
+        target = next((float(t) for k, t in cfg.per_layer.items() if re.search(k, name)), None)
+        if target is None and (id(v) in default if cfg.layers is None else re.search(cfg.layers, name)):
             target = cfg.target
         if target is not None:
-            chosen.append((v, target))
+            chosen.append((name, v, target))
     if not chosen:
-        names = ", ".join(v.name for v in variables)
-        raise UsageError(f"--prune-layers {cfg.layers!r} matches no weight; the model has: {names}")
+        listed = ", ".join(name for name, _ in variables)
+        raise UsageError(f"--prune-layers {cfg.layers!r} matches no weight; the model has: {listed}")
     return chosen

@@ -8,7 +8,7 @@ pickled object, so it is loaded with ``np.load(path, allow_pickle=False)``:
 ``index``           uint8 bytes of a JSON list, one entry per weight, in
                     ``model.weights`` order::
 
-                        {"name": "conv1/kernel:0", "shape": [5, 5, 3, 64],
+                        {"name": "conv1/kernel", "shape": [5, 5, 3, 64],
                          "dtype": "float32", "nonzeros": 480, "encoding": "gaps"}
 
 ``w0000_values``    the weight's nonzero entries, in row-major (C) order, in the
@@ -175,16 +175,15 @@ def _has_python_lambda(config) -> bool:
     return False
 
 
-def _named_weights(model) -> list:
-    weights = list(model.weights)
-    names = [w.name for w in weights]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise UsageError(
-            f"model {model.name!r} has several weights named {', '.join(duplicates)}: "
-            "weights are matched by name, so give its layers unique names"
-        )
-    return weights
+def _named_weights(model) -> dict:
+    from trainer.varnames import keyed
+    return keyed(model.weights)
+
+
+def _dtype(variable) -> np.dtype:
+    # Keras 3 gives a variable's dtype as a string ("float32", "bfloat16").
+    import keras
+    return np.dtype(keras.backend.standardize_dtype(variable.dtype))
 
 
 def save_sparse(model, path) -> dict:
@@ -210,10 +209,10 @@ def save_sparse(model, path) -> dict:
     arrays = {"format": _text(FORMAT), "architecture": _text(architecture)}
     index = []
     params = nonzeros = 0
-    for i, weight in enumerate(_named_weights(model)):
-        value = weight.numpy()
+    for i, (name, weight) in enumerate(_named_weights(model).items()):
+        value = np.asarray(weight.numpy())
         key = f"w{i:04d}"
-        entry = {"name": weight.name, "shape": list(value.shape), "dtype": weight.dtype.name}
+        entry = {"name": name, "shape": list(value.shape), "dtype": value.dtype.name}
         fields, weight_arrays = _encode(key, value)
         entry.update(fields)
         index.append(entry)
@@ -271,8 +270,6 @@ def load_sparse(path):
     Raises UsageError naming the file (and the tensor) if the file is missing,
     truncated, corrupt, or does not match its architecture.
     """
-    import tensorflow as tf
-
     import trainer.models  # noqa: F401  (registers the custom layers)
     from trainer.models import LocalResponseNormalization
 
@@ -293,13 +290,11 @@ def load_sparse(path):
     except ValueError as exc:
         raise UsageError(f"{path}: corrupt sparse artifact (bad weight index: {exc}); re-export the model") from None
 
-    try:
-        from keras.src.saving.serialization_lib import SafeModeScope
-    except ImportError:  # pragma: no cover - another Keras 2 layout
-        SafeModeScope = contextlib.nullcontext
+    import keras
+    from keras.src.saving.serialization_lib import SafeModeScope
     try:
         with SafeModeScope(True):  # never deserialize Lambda bytecode
-            model = tf.keras.models.model_from_json(
+            model = keras.models.model_from_json(
                 architecture,
                 custom_objects={"LocalResponseNormalization": LocalResponseNormalization},
             )
@@ -310,7 +305,7 @@ def load_sparse(path):
             "import the module that registers its custom layers, or re-export the model"
         ) from None
 
-    variables = {w.name: w for w in _named_weights(model)}
+    variables = _named_weights(model)
     stored = {e["name"]: (f"w{i:04d}", e) for i, e in enumerate(index)}
     missing = [name for name in variables if name not in stored]
     if missing:
@@ -330,12 +325,12 @@ def load_sparse(path):
                 f"{path}: tensor {name!r} has shape {shape} but the model needs {tuple(variable.shape)}; "
                 "re-export the model"
             )
-        if entry.get("dtype") != variable.dtype.name:
+        if entry.get("dtype") != _dtype(variable).name:
             raise UsageError(
                 f"{path}: tensor {name!r} has dtype {entry.get('dtype')!r} but the model needs "
-                f"{variable.dtype.name!r}; re-export the model"
+                f"{_dtype(variable).name!r}; re-export the model"
             )
-        values.append((variable, _decode(path, name, key, entry, data, np.dtype(variable.dtype.as_numpy_dtype))))
+        values.append((variable, _decode(path, name, key, entry, data, _dtype(variable))))
     for variable, value in values:  # assign only once every tensor decoded
         variable.assign(value)
     return model

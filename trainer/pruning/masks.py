@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..errors import MaskMismatch
+from ..varnames import safe
 
 
 def magnitude_mask(weight: np.ndarray, sparsity: float, protected: np.ndarray | None = None) -> np.ndarray:
@@ -48,24 +49,32 @@ class MaskSet:
     after each update; for pruning it is zero.
     """
 
-    def __init__(self, variables, backend, keep_values: bool, name: str):
+    def __init__(self, named: dict, backend, keep_values: bool, name: str):
+        """`named`: {key (varnames) of a weight: the weight}."""
         self.name = name
-        self.targets = list(variables)
-        self._index = {v.ref(): i for i, v in enumerate(self.targets)}
+        self.names = list(named)
+        self.targets = list(named.values())
+        self._index = {id(v): i for i, v in enumerate(self.targets)}
         self.backend = backend
         with backend.scope():
             self.masks = [tf.Variable(tf.ones(v.shape, v.dtype), trainable=False,
-                                      name=_safe(v.name) + "_mask") for v in self.targets]
+                                      name=safe(k) + "_mask") for k, v in named.items()]
             self.values = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False,
-                                       name=_safe(v.name) + "_frozen") for v in self.targets] if keep_values else []
-        self.trackable = tf.Module(name=name)
-        self.trackable.masks = self.masks
-        self.trackable.values = self.values
+                                       name=safe(k) + "_frozen") for k, v in named.items()] if keep_values else []
+
+    def checkpoint_entries(self) -> dict:
+        """Checkpoint sections, each {key of the weight: variable}: `pruning`
+        (or `frozen`) for the masks, `frozen_values` for what frozen entries
+        are put back to."""
+        out = {self.name: dict(zip(self.names, self.masks))}
+        if self.values:
+            out[f"{self.name}_values"] = dict(zip(self.names, self.values))
+        return out
 
     def grad_hook(self, grads, variables):
         out = list(grads)
         for i, v in enumerate(variables):
-            j = self._index.get(v.ref())
+            j = self._index.get(id(v))
             if j is not None and out[i] is not None:
                 out[i] = out[i] * self.masks[j]
         return out
@@ -97,7 +106,7 @@ class MaskSet:
     def verify(self) -> dict:
         """{weight name: per-replica checksums of its mask}; a mismatch stops
         the run naming the weight."""
-        prints = dict(zip((v.name for v in self.targets), self.backend.replica_fingerprints_each(self.masks)))
+        prints = dict(zip(self.names, self.backend.replica_fingerprints_each(self.masks)))
         for name, per_replica in prints.items():
             if len(set(per_replica)) != 1:
                 raise MaskMismatch(f"mask of {name} differs across replicas ({len(set(per_replica))} versions); "
@@ -105,8 +114,4 @@ class MaskSet:
         return prints
 
     def sparsity(self) -> dict:
-        return {v.name: float(1.0 - m.numpy().mean()) for v, m in zip(self.targets, self.masks)}
-
-
-def _safe(name: str) -> str:
-    return name.replace(":", "_").replace("/", "_")
+        return {k: float(1.0 - m.numpy().mean()) for k, m in zip(self.names, self.masks)}

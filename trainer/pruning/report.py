@@ -1,8 +1,8 @@
 """How sparse a model is: per-weight rows, a text table, and a bar chart.
 
 A row is ``{"layer", "weight", "params", "zeros", "sparsity"}``: ``layer`` is the
-model's (top-level) layer holding the weight, ``weight`` the variable name
-(``"conv1/kernel:0"``), ``zeros`` the entries that are zero in the weight or,
+model's (top-level) layer holding the weight, ``weight`` the variable's key
+(``"conv1/kernel"``, see ``trainer.varnames``), ``zeros`` the entries that are zero in the weight or,
 if a pruning mask is given for it, masked out (mask == 0), counted once, and
 ``sparsity = zeros / params``.
 
@@ -35,41 +35,33 @@ def _layer_of(model) -> dict:
     return owner
 
 
-def _short(name: str) -> str:
-    return name[:-2] if name.endswith(":0") else name
-
-
 def sparsity_rows(model, masks: dict | None = None) -> list[dict]:
     """One row per weight in ``masks`` or of rank >= 2 with any zeros, in ``model.weights`` order.
 
-    ``masks`` maps a weight name (``"conv1/kernel:0"`` or ``"conv1/kernel"``) to
-    an array of the weight's shape whose 0/False entries are pruned.
+    ``masks`` maps a weight's key (``"conv1/kernel"``) to an array of the
+    weight's shape whose 0/False entries are pruned.
     """
-    weights = list(model.weights)
-    masks = dict(masks or {})
-    by_name = {}
-    for weight in weights:
-        by_name.setdefault(weight.name, weight)
-        by_name.setdefault(_short(weight.name), weight)
+    from trainer.varnames import keyed
+    named = keyed(model.weights)
+    weights = list(named.values())
+    name_of = {id(w): k for k, w in named.items()}
     mask_of = {}
-    for key, mask in masks.items():
-        weight = by_name.get(key)
+    for key, mask in dict(masks or {}).items():
+        weight = named.get(key)
         if weight is None:
-            known = ", ".join(w.name for w in weights[:8]) + (", ..." if len(weights) > 8 else "")
+            known = ", ".join(list(named)[:8]) + (", ..." if len(named) > 8 else "")
             raise UsageError(f"mask for {key!r}, which is not a weight of model {model.name!r} (weights: {known})")
         mask = np.asarray(mask)
         if mask.shape != tuple(weight.shape):
             raise UsageError(
-                f"mask for {weight.name!r} has shape {mask.shape} but the weight has {tuple(weight.shape)}"
+                f"mask for {key!r} has shape {mask.shape} but the weight has {tuple(weight.shape)}"
             )
-        if id(weight) in mask_of:
-            raise UsageError(f"two masks given for {weight.name!r} (as {_short(weight.name)!r} and with ':0')")
         mask_of[id(weight)] = mask
 
     owner = _layer_of(model)
     rows = []
     for weight in weights:
-        value = weight.numpy()
+        value = np.asarray(weight.numpy())
         zero = value == 0
         mask = mask_of.get(id(weight))
         if mask is not None:
@@ -79,8 +71,8 @@ def sparsity_rows(model, masks: dict | None = None) -> list[dict]:
             continue
         params = int(value.size)
         rows.append({
-            "layer": owner.get(id(weight), weight.name.split("/")[0]),
-            "weight": weight.name,
+            "layer": owner.get(id(weight), name_of[id(weight)].split("/")[0]),
+            "weight": name_of[id(weight)],
             "params": params,
             "zeros": zeros,
             "sparsity": zeros / params if params else 0.0,

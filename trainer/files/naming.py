@@ -98,76 +98,72 @@ class KerasNames:
 
 
 class VariableLayout:
-    """Variable name <-> Keras v3 key for one architecture (needs TensorFlow)."""
+    """Variable key (trainer.varnames) <-> Keras v3 key, for one architecture.
 
-    def __init__(self, config: dict):
-        import tensorflow as tf
-        import trainer.models  # noqa: F401  registers the trainer's custom layers
-        from keras.src.saving import saving_lib
+    From a live model (the trainer's, for --init) or from a model config
+    (merge, when its inputs mix naming schemes), which is then built: a Keras
+    3 model cannot be built without its weights, so this costs the model's
+    size in memory, once.
+    """
 
+    def __init__(self, config: dict | None = None, model=None):
+        if model is None:
+            model = _build(config)
+        if config is None:
+            config = serialized_config(model)
+        from trainer.varnames import key_map
         names = KerasNames(config)
-        self.var_of: dict[str, str] = {}     # keras key -> variable name
+        variable_key = key_map(model.weights)
+        self.var_of: dict[str, str] = {}     # keras key -> variable key
         self.h5_of: dict[str, str] = {}      # keras key -> h5 dataset path
-        with tf.Graph().as_default():
-            model = tf.keras.saving.deserialize_keras_object(config)
-            for path, var in _h5_variables(model, saving_lib):
-                key = names.key(path)
-                if key is not None:
-                    self.var_of[key] = var.name.split(":")[0]
-                    self.h5_of[key] = path
+        for path, var in h5_variables(model):
+            key = names.key(path)
+            if key is not None and id(var) in variable_key:
+                self.var_of[key] = variable_key[id(var)]
+                self.h5_of[key] = path
         self.key_of = {v: k for k, v in self.var_of.items()}
 
 
-def _h5_variables(model, saving_lib):
-    """(h5 dataset path, variable) in the order Keras's saving_lib writes them.
+def h5_variables(model) -> list[tuple[str, object]]:
+    """(h5 dataset path, variable) for every variable Keras's saving_lib would
+    write for `model`, in its order.
 
-    saving_lib has no public way to list paths without writing values, and in
-    graph mode there are no values; this follows _save_state's walk."""
-    seen: set[int] = set()
+    Asked of Keras itself, by handing its own walk (saving_lib._save_state) a
+    store that records instead of writing: the paths are then exactly those
+    of the installed Keras, with nothing restated here.
+    """
+    from keras.src.saving import saving_lib
 
-    def walk(obj, path):
-        if id(obj) in seen:
-            return
-        if hasattr(obj, "save_own_variables"):
-            own = list(getattr(obj, "_trainable_weights", [])) + list(getattr(obj, "_non_trainable_weights", []))
-            for i, v in enumerate(own):
-                yield f"{path}/vars/{i}" if path else f"vars/{i}", v
-        seen.add(id(obj))
-        for attr, child in saving_lib._walk_trackable(obj):
-            sub = f"{path}/{attr}" if path else attr
-            if saving_lib._is_keras_trackable(child):
-                yield from walk(child, sub)
-            elif isinstance(child, (list, dict, tuple, set)):
-                items = list(child.values()) if isinstance(child, dict) else list(child)
-                used: dict[str, int] = {}
-                for item in items:
-                    if not saving_lib._is_keras_trackable(item) or id(item) in seen:
-                        continue
-                    name = snake_case(item.__class__.__name__)
-                    if name in used:
-                        used[name] += 1
-                        name = f"{name}_{used[name]}"
-                    else:
-                        used[name] = 0
-                    yield from walk(item, f"{sub}/{name}")
+    class Recorder(saving_lib.NpzIOStore):
+        def __init__(self):  # noqa: D401  (no file: only records)
+            self.contents = {}
 
-    yield from walk(model, "")
+        def make(self, path, metadata=None):
+            return self.contents.setdefault(path, {})
+
+    recorder = Recorder()
+    saving_lib._save_state(model, recorder, None, "", set())
+    return [(f"{path}/vars/{i}" if path else f"vars/{i}", v)
+            for path, entry in recorder.contents.items() for i, v in entry.items()]
+
+
+def serialized_config(model) -> dict:
+    """The config a .keras file of `model` carries (config.json)."""
+    import keras
+    return json.loads(json.dumps(keras.saving.serialize_keras_object(model)))
+
+
+def _build(config: dict):
+    import keras
+
+    import trainer.models  # noqa: F401  registers the trainer's custom layers
+    config = {**config, "compile_config": None}
+    return keras.saving.deserialize_keras_object(config, safe_mode=True)
 
 
 def config_from_model_cfg(model_cfg: dict) -> dict:
-    """The Keras v3 config of a trainer model, built in graph mode (no weights)."""
-    import tensorflow as tf
-    from keras.src.saving import saving_lib, serialization_lib
-
+    """The Keras v3 config of a trainer model, from its manifest entry."""
     from trainer.models import build_model
-    with tf.Graph().as_default():
-        model = build_model(model_cfg["name"], tuple(model_cfg["input_shape"]), model_cfg["num_classes"],
-                            **(model_cfg.get("options") or {}))
-        # model.save serializes with this flag set; we do the same so the
-        # config is the one a .keras file would carry.
-        previous = getattr(saving_lib._SAVING_V3_ENABLED, "value", False)
-        saving_lib._SAVING_V3_ENABLED.value = True
-        try:
-            return json.loads(json.dumps(serialization_lib.serialize_keras_object(model)))
-        finally:
-            saving_lib._SAVING_V3_ENABLED.value = previous
+    model = build_model(model_cfg["name"], tuple(model_cfg["input_shape"]), model_cfg["num_classes"],
+                        **(model_cfg.get("options") or {}))
+    return serialized_config(model)

@@ -160,9 +160,13 @@ class TFCheckpointSource(Source):
     """A TensorFlow checkpoint prefix, named through its object graph.
 
     The object graph records each variable's name at save time (full_name),
-    so no model has to be built. Optimizer slots and counters are not part of
-    the model and are left out; the trainer's pruning masks are read beside
-    the weights they belong to."""
+    so no model has to be built. The trainer's own checkpoints (Keras 3)
+    hold each section as a dict {variable key: variable}, and the key is the
+    name; Keras 2 checkpoints (this project's on TF 2.15, or
+    model.save_weights) are named by full_name, which Keras 2 made
+    `dense1/kernel` too. Optimizer slots and counters are not part of the
+    model and are left out; the trainer's pruning masks are read beside the
+    weights they belong to."""
 
     format = "tf-checkpoint"
     family = "variables"
@@ -186,13 +190,15 @@ class TFCheckpointSource(Source):
         # keeps the weights under "model"; everything beside it is training state. A checkpoint of
         # model.save_weights has the model at its root.
         sections = {section for section, _, _ in found}
-        for section, full_name, key in found:
+        for section, name, key in found:
             if section == "pruning":
-                masks[full_name] = key
+                masks[name] = key
             elif section == "model" if "model" in sections else section not in ("optimizer", "save_counter"):
-                self._tensors[full_name] = key
-        safe = {n.replace(":", "_").replace("/", "_") + "_0_mask": n for n in self._tensors}
-        self._masks = {safe[m]: k for m, k in masks.items() if m in safe}
+                self._tensors[name] = key
+        # Keras 2 trainer checkpoints named a mask variable after its weight's
+        # name, "dense1_kernel_0_mask"; Keras 3 ones key it by the weight's key.
+        legacy = {n.replace(":", "_").replace("/", "_") + "_0_mask": n for n in self._tensors}
+        self._masks = {legacy.get(m, m): k for m, k in masks.items() if legacy.get(m, m) in self._tensors}
 
     def _info(self, key):
         return tuple(self._shapes[key]), np.dtype(self._dtypes[key].as_numpy_dtype)
@@ -203,22 +209,27 @@ class TFCheckpointSource(Source):
 
 
 def _variables(graph):
-    """(top-level child name, variable full name, checkpoint key) for every
-    variable reachable from the root's children, slots excluded."""
+    """(top-level child name, variable name, checkpoint key) for every
+    variable reachable from the root's children, slots excluded. The name is
+    the dict key of a trainer section's `vars` (Keras 3 checkpoints), else
+    the variable's full_name."""
     out, seen = [], set()
 
-    def walk(node_id, section):
+    def walk(node_id, section, depth, local):
         if node_id in seen:
             return
         seen.add(node_id)
         node = graph.nodes[node_id]
         for attr in node.attributes:
             if attr.name == "VARIABLE_VALUE":
-                out.append((section, attr.full_name, attr.checkpoint_key))
+                name = local if depth == 3 and local is not None else attr.full_name
+                out.append((section, name, attr.checkpoint_key))
         for child in node.children:
-            walk(child.node_id, section or child.local_name)
+            keyed = depth == 1 and child.local_name == "vars"
+            walk(child.node_id, section or child.local_name, depth + 1,
+                 "vars" if keyed else (child.local_name if local == "vars" else None))
 
-    walk(0, "")
+    walk(0, "", 0, None)
     return out
 
 

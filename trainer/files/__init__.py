@@ -1,0 +1,7 @@
+"""Reading weight files of every format, by tensor name: the one reader that
+`trainer --init` and every `merge` command share.
+
+`sources.open_source(path)` opens a run, init, checkpoint or merge directory,
+a `.keras`, `.weights.h5` or legacy `.h5` file, or a TensorFlow checkpoint
+prefix, written by Keras 2 or Keras 3; `naming` gives every tensor one name.
+"""
