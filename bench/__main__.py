@@ -2,6 +2,10 @@
 name) and record each in its section of docs/benchmarks.md."""
 import sys
 
+from trainer.quiet import install
+
+install()  # before anything imports tensorflow
+
 from . import align_evidence, fedavg_evidence, merge_stream, pruning, robust_evidence, scaling
 
 BENCHMARKS = {"scaling": scaling.main, "pruning": pruning.main, "fedavg": fedavg_evidence.main,

@@ -1,5 +1,9 @@
 import sys
 
-from .cli import main
+from trainer.quiet import install
+
+install()  # before anything imports tensorflow
+
+from .cli import main  # noqa: E402
 
 sys.exit(main())

@@ -8,24 +8,28 @@ layer by layer, the permutation of B's units that best matches A's (SciPy's
 linear_sum_assignment on the summed weight correlations), and iterates until
 no permutation changes.
 
-The permutation structure is derived from the Keras graph: a single chain of
-Dense and Conv2D layers, with normalization, pooling, flatten, dropout and
-activation layers between them. Anything else (branches, residual adds,
+The permutation structure is derived from the Keras graph (trainer.graph.chain,
+the walker structured pruning uses too): a single chain of Dense and Conv2D
+layers, with normalization, pooling, flatten, dropout and activation layers
+between them. Anything else (branches, residual adds,
 recurrent layers, layers mixing channels such as LocalResponseNormalization)
-is refused, since a permutation would not pass through it unchanged.
+is refused, since a permutation would not pass through it unchanged. Weights
+are keyed like every variable of the project (trainer.varnames: dense1/kernel).
 """
 from __future__ import annotations
 
+import keras
 import numpy as np
-import tensorflow as tf
 
+from trainer import graph
 from trainer.errors import UsageError
+from trainer.varnames import key_map, keyed
 
-L = tf.keras.layers
+L = keras.layers
 _WEIGHTED = (L.Dense, L.Conv2D)
 _NORM = (L.BatchNormalization, L.LayerNormalization)
-_PASS = (L.InputLayer, L.Dropout, L.Activation, L.ReLU, L.MaxPooling2D, L.AveragePooling2D,
-         L.SpatialDropout2D, L.GaussianNoise)
+_PASS = (L.Dropout, L.Activation, L.ReLU, L.MaxPooling2D, L.AveragePooling2D, L.SpatialDropout2D,
+         L.GaussianNoise)
 _FLATTEN = (L.Flatten,)
 _GLOBAL = (L.GlobalAveragePooling2D, L.GlobalMaxPooling2D)
 
@@ -33,7 +37,7 @@ _GLOBAL = (L.GlobalAveragePooling2D, L.GlobalMaxPooling2D)
 class Spec:
     """Which axis of which weight each permutation group moves.
 
-    params: {variable name: (view shape, (group or None per view axis))};
+    params: {variable key (trainer.varnames): (view shape, (group or None per view axis))};
     groups: {group: size}."""
 
     def __init__(self):
@@ -42,29 +46,24 @@ class Spec:
 
 
 def _chain(model) -> list:
-    """The layers of a single-input, single-output chain, in order."""
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise UsageError(f"model {model.name}: alignment needs one input and one output")
-    layers = [l for l in model.layers]
-    for prev, layer in zip(layers, layers[1:]):
-        inbound = [n.inbound_layers for n in layer._inbound_nodes]
-        flat = [x for node in inbound for x in (node if isinstance(node, list) else [node])]
-        if len(flat) != 1 or flat[0] is not prev:
-            raise UsageError(f"layer {layer.name}: not a plain chain (branches or skip connections); "
-                             "alignment supports chains of Dense/Conv2D layers")
-    return layers
+    """The trainer.graph links (layer, input shape) of a single-input, single-output chain, in order."""
+    try:
+        return graph.chain(model)
+    except graph.NotAChain as e:
+        raise UsageError(f"{e}; alignment supports chains of Dense/Conv2D layers") from None
 
 
 def derive_spec(model) -> Spec:
     spec = Spec()
-    layers = _chain(model)
-    weighted = [l for l in layers if isinstance(l, _WEIGHTED)]
+    links = _chain(model)
+    name = key_map(model.weights)
+    weighted = [link.layer for link in links if isinstance(link.layer, _WEIGHTED)]
     group = None          # the permutation group of the current features (None: the input, not permuted)
     spatial = 1           # positions per channel, once a Flatten has turned a feature map into a vector
     channels = None
     last = weighted[-1] if weighted else None
-    for layer in layers:
-        name = lambda v: v.name.split(":")[0]  # noqa: E731
+    for link in links:
+        layer = link.layer
         if isinstance(layer, _WEIGHTED) and (type(layer) not in _WEIGHTED or getattr(layer, "groups", 1) != 1):
             raise UsageError(f"layer {layer.name} ({type(layer).__name__}): grouped, depthwise or subclassed "
                              "Dense/Conv2D layers are not supported by alignment")
@@ -75,25 +74,25 @@ def derive_spec(model) -> Spec:
                 if spatial != 1:
                     raise UsageError(f"layer {layer.name}: Conv2D after Flatten is not supported")
                 axes = (None, None, group, out_group)
-                spec.params[name(kernel)] = (tuple(kernel.shape), axes)
+                spec.params[name[id(kernel)]] = (tuple(kernel.shape), axes)
             elif spatial > 1:  # Dense after Flatten of a feature map: input index = position * C + channel
                 rows, units = kernel.shape
-                spec.params[name(kernel)] = ((spatial, channels, units), (None, group, out_group))
+                spec.params[name[id(kernel)]] = ((spatial, channels, units), (None, group, out_group))
             else:
-                spec.params[name(kernel)] = (tuple(kernel.shape), (group, out_group))
+                spec.params[name[id(kernel)]] = (tuple(kernel.shape), (group, out_group))
             if bias is not None:
-                spec.params[name(bias)] = (tuple(bias.shape), (out_group,))
+                spec.params[name[id(bias)]] = (tuple(bias.shape), (out_group,))
             if out_group is not None:
                 spec.groups[out_group] = int(kernel.shape[-1])
             group, spatial, channels = out_group, 1, int(kernel.shape[-1])
         elif isinstance(layer, _NORM):
             axis = layer.axis if isinstance(layer.axis, int) else (layer.axis[0] if len(layer.axis) == 1 else None)
-            if axis not in (-1, len(layer.input_shape) - 1):
+            if axis not in (-1, len(link.input_shape) - 1):
                 raise UsageError(f"layer {layer.name}: normalization over other than the last axis")
             for v in layer.weights:
-                spec.params[name(v)] = (tuple(v.shape), (group,))
+                spec.params[name[id(v)]] = (tuple(v.shape), (group,))
         elif isinstance(layer, _FLATTEN):
-            shape = layer.input_shape[1:]
+            shape = link.input_shape[1:]
             if group is not None and len(shape) > 1:  # the model's own input is never permuted
                 spatial, channels = int(np.prod(shape[:-1])), int(shape[-1])
         elif isinstance(layer, _PASS) or isinstance(layer, _GLOBAL):
@@ -151,11 +150,12 @@ def weight_matching(a: dict, b: dict, spec: Spec, max_iter: int = 100, seed: int
 
 
 def weights_of(model) -> dict:
-    return {v.name.split(":")[0]: v.numpy() for v in model.weights}
+    """{variable key (trainer.varnames): value}."""
+    return {k: keras.ops.convert_to_numpy(v) for k, v in keyed(model.weights).items()}
 
 
 def align(model_a, model_b) -> tuple[dict, dict]:
-    """B's weights permuted to match A's (by variable name), and the permutations."""
+    """B's weights permuted to match A's (by variable key), and the permutations."""
     spec = derive_spec(model_a)
     spec_b = derive_spec(model_b)
     if spec.params.keys() != spec_b.params.keys() or spec.groups != spec_b.groups:
@@ -167,5 +167,6 @@ def align(model_a, model_b) -> tuple[dict, dict]:
 
 
 def set_weights(model, weights: dict) -> None:
-    for v in model.weights:
-        v.assign(weights[v.name.split(":")[0]])
+    """Assign ``weights`` ({variable key: value}, as from weights_of or align) to ``model``."""
+    for k, v in keyed(model.weights).items():
+        v.assign(weights[k])

@@ -5,6 +5,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import keras
 import tensorflow as tf
 
 from trainer.errors import UsageError
@@ -50,13 +51,13 @@ def test_every_model_outputs_logits_with_deterministic_names(name):
     assert y.shape == (3, 7)
     assert np.isfinite(y).all()
     last = first.layers[-1]
-    assert last.name == "logits" and last.activation is tf.keras.activations.linear
+    assert last.name == "logits" and last.activation is keras.activations.linear
     assert not np.allclose(y.sum(axis=1), 1.0)  # not softmax probabilities
     assert first.layers[0].name == "input"
 
-    names = [w.name for w in first.weights]
+    names = [w.path for w in first.weights]
     assert len(set(names)) == len(names) > 0
-    assert names == [w.name for w in second.weights]
+    assert names == [w.path for w in second.weights]
     assert [layer.name for layer in first.layers] == [layer.name for layer in second.layers]
     # Matching weights by name makes the models identical.
     second.set_weights(first.get_weights())
@@ -75,22 +76,22 @@ def test_cifar10_cnn_has_the_tutorial_structure():
         "input", "conv1", "pool1", "norm1", "conv2", "norm2", "pool2",
         "flatten", "local3", "local4", "logits",
     ]
-    convs = [l for l in model.layers if isinstance(l, tf.keras.layers.Conv2D)]
+    convs = [l for l in model.layers if isinstance(l, keras.layers.Conv2D)]
     assert [(c.filters, c.kernel_size, c.strides, c.padding) for c in convs] == [
         (64, (5, 5), (1, 1), "same")
     ] * 2
-    assert all(c.activation is tf.keras.activations.relu for c in convs)
-    pools = [l for l in model.layers if isinstance(l, tf.keras.layers.MaxPooling2D)]
+    assert all(c.activation is keras.activations.relu for c in convs)
+    pools = [l for l in model.layers if isinstance(l, keras.layers.MaxPooling2D)]
     assert [(p.pool_size, p.strides, p.padding) for p in pools] == [((3, 3), (2, 2), "same")] * 2
-    dense = [l for l in model.layers if isinstance(l, tf.keras.layers.Dense)]
+    dense = [l for l in model.layers if isinstance(l, keras.layers.Dense)]
     assert [d.units for d in dense] == [384, 192, 10]
-    assert [d.activation for d in dense[:2]] == [tf.keras.activations.relu] * 2
+    assert [d.activation for d in dense[:2]] == [keras.activations.relu] * 2
     norms = [l for l in model.layers if isinstance(l, LocalResponseNormalization)]
     assert [(n.depth_radius, n.bias, n.alpha, n.beta) for n in norms] == [
         (4, 1.0, 0.001 / 9.0, 0.75)
     ] * 2
-    assert model.get_layer("flatten").output_shape == (None, 8 * 8 * 64)
-    assert not any(isinstance(l, tf.keras.layers.Lambda) for l in model.layers)
+    assert model.get_layer("flatten").output.shape == (None, 8 * 8 * 64)
+    assert not any(isinstance(l, keras.layers.Lambda) for l in model.layers)
     # Any rank-3 input works.
     assert build_model("cifar10_cnn", (8, 8, 1), 10)(np.zeros((1, 8, 8, 1))).shape == (1, 10)
 
@@ -120,9 +121,9 @@ def test_cifar10_cnn_round_trips_through_keras_file(tmp_path):
     x = np.random.default_rng(2).random((4, 32, 32, 3), dtype=np.float32)
     path = tmp_path / "cifar.keras"
     model.save(path)
-    loaded = tf.keras.models.load_model(path)  # safe mode, no custom_objects
+    loaded = keras.models.load_model(path)  # safe mode, no custom_objects
     assert isinstance(loaded.get_layer("norm1"), LocalResponseNormalization)
-    assert [w.name for w in loaded.weights] == [w.name for w in model.weights]
+    assert [w.path for w in loaded.weights] == [w.path for w in model.weights]
     np.testing.assert_array_equal(loaded(x).numpy(), model(x).numpy())
 
 
@@ -151,20 +152,19 @@ def test_lstm_dropout_is_off_at_inference_on_in_training_and_changes_no_weight()
 
 
 def test_lstm_cell_reuses_one_dropout_mask_per_sequence_across_time_steps(monkeypatch):
-    """With recurrent_dropout > 0 Keras runs the cell step by step: record its masks."""
-    tf.keras.utils.set_random_seed(4)
+    """With recurrent_dropout > 0 the cell applies both dropouts itself: record its masks."""
+    keras.utils.set_random_seed(4)
     batch, steps, features = 5, 8, 8
     model = build_model("lstm", (steps, features, 1), 10, dropout=0.5, recurrent_dropout=0.5)
     cell = model.get_layer("lstm").cell
     seen = {"input": [], "recurrent": []}
-    for kind, attr in (("input", "get_dropout_mask_for_cell"),
-                       ("recurrent", "get_recurrent_dropout_mask_for_cell")):
+    for kind, attr in (("input", "get_dropout_mask"), ("recurrent", "get_recurrent_dropout_mask")):
         original = getattr(cell, attr)
 
-        def recording(inputs, training, count=1, _original=original, _kind=kind):
-            masks = _original(inputs, training, count)
-            seen[_kind].append([m.numpy() for m in masks])
-            return masks
+        def recording(step_input, _original=original, _kind=kind):
+            mask = _original(step_input)
+            seen[_kind].append(np.asarray(mask))
+            return mask
 
         monkeypatch.setattr(cell, attr, recording)
 
@@ -174,29 +174,26 @@ def test_lstm_cell_reuses_one_dropout_mask_per_sequence_across_time_steps(monkey
     for kind, units in (("input", features), ("recurrent", 64)):
         calls = seen[kind]
         assert len(calls) >= steps  # the cell asked for its mask at every step
-        masks = calls[0]
-        assert len(masks) == 4  # one per gate (i, f, c, o)
-        for m in masks:
-            assert m.shape == (batch, units)  # one mask per sequence, not per step
-            assert set(np.unique(m)) == {0.0, 2.0}  # dropped / kept (scaled by 1/(1-0.5))
-            assert len({row.tobytes() for row in m}) > 1  # differs between sequences
+        mask = calls[0]
+        assert mask.shape == (4, batch, units)  # per gate (i, f, c, o): one mask per sequence, not per step
+        assert set(np.unique(mask)) == {0.0, 2.0}  # dropped / kept (scaled by 1/(1-0.5))
+        assert len({row.tobytes() for row in mask[0]}) > 1  # differs between sequences
         for later in calls[1:]:  # ... and the same mask at every time step
-            for a, b in zip(masks, later):
-                np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(mask, later)
 
     for calls in seen.values():
         calls.clear()
     model(x, training=True)  # a new batch of sequences draws new masks
-    assert not np.array_equal(seen["input"][0][0], first_call["input"][0])
+    assert not np.array_equal(seen["input"][0], first_call["input"])
 
 
 def test_lstm_input_dropout_without_recurrent_dropout_is_one_mask_per_sequence():
     """recurrent_dropout=0: Keras's fused LSTM would draw a (batch, T, F) mask, so the
     model drops inputs with a Dropout whose mask is broadcast over time instead."""
-    tf.keras.utils.set_random_seed(6)
+    keras.utils.set_random_seed(6)
     model = build_model("lstm", (8, 8, 1), 10, dropout=0.5)
     assert model.get_layer("lstm").dropout == 0.0
-    dropped = tf.keras.Model(model.input, model.get_layer("lstm_input_dropout").output)
+    dropped = keras.Model(model.input, model.get_layer("lstm_input_dropout").output)
     x = np.ones((5, 8, 8, 1), np.float32)
     out = dropped(x, training=True).numpy()  # (batch, T, F)
     assert set(np.unique(out)) == {0.0, 2.0}
@@ -224,8 +221,8 @@ def test_stateful_lstm_carries_state_until_reset():
     np.testing.assert_allclose(model(x).numpy(), y1, rtol=1e-6, atol=1e-6)
 
     # Reset also reaches a stateful layer inside a nested model.
-    inputs = tf.keras.Input(shape=(8, 8, 1), batch_size=4)
-    outer = tf.keras.Model(inputs, model(inputs))
+    inputs = keras.Input(shape=(8, 8, 1), batch_size=4)
+    outer = keras.Model(inputs, model(inputs))
     outer(x)
     assert is_stateful(outer)
     reset_stateful(outer)
@@ -240,27 +237,27 @@ def test_non_stateful_models():
 
 
 def test_cnn_lstm_trains_end_to_end_through_time_distributed():
-    tf.keras.utils.set_random_seed(8)
+    keras.utils.set_random_seed(8)
     model = build_model("cnn_lstm", (4, 8, 8, 1), 3)
     td = model.get_layer("frame_cnn_td")
-    assert isinstance(td, tf.keras.layers.TimeDistributed)
+    assert isinstance(td, keras.layers.TimeDistributed)
     cnn_vars = td.trainable_weights
     lstm_vars = model.get_layer("lstm").trainable_weights
     assert cnn_vars and lstm_vars
     x = np.random.default_rng(9).random((6, 4, 8, 8, 1), dtype=np.float32)
     y = np.array([0, 1, 2, 0, 1, 2])
-    before = {v.name: v.numpy().copy() for v in model.trainable_variables}
+    before = {v.path: v.numpy().copy() for v in model.trainable_variables}
 
-    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     with tf.GradientTape() as tape:
         loss = loss_fn(y, model(x, training=True))
     grads = tape.gradient(loss, model.trainable_variables)
     for v, g in zip(model.trainable_variables, grads):
-        assert g is not None and float(tf.norm(g)) > 0, v.name
-    tf.keras.optimizers.SGD(0.1).apply_gradients(zip(grads, model.trainable_variables))
+        assert g is not None and float(tf.norm(g)) > 0, v.path
+    keras.optimizers.SGD(0.1).apply_gradients(zip(grads, model.trainable_variables))
 
     for v in cnn_vars + lstm_vars:
-        assert not np.array_equal(v.numpy(), before[v.name]), v.name
+        assert not np.array_equal(v.numpy(), before[v.path]), v.path
 
 
 def test_cnn_lstm_rejects_single_images():
@@ -274,14 +271,14 @@ def user_package(tmp_path, monkeypatch):
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "nets.py").write_text(textwrap.dedent("""
-        import tensorflow as tf
+        import keras
 
         SEEN = {}
 
         def tiny(input_shape, num_classes):
-            inputs = tf.keras.Input(shape=input_shape)
-            x = tf.keras.layers.Flatten()(inputs)
-            return tf.keras.Model(inputs, tf.keras.layers.Dense(num_classes, name="out")(x))
+            inputs = keras.Input(shape=input_shape)
+            x = keras.layers.Flatten()(inputs)
+            return keras.Model(inputs, keras.layers.Dense(num_classes, name="out")(x))
 
         def with_options(input_shape, num_classes, **options):
             SEEN.update(options)
@@ -301,7 +298,7 @@ def user_package(tmp_path, monkeypatch):
 
 def test_user_model_from_package_module_function(user_package):
     model = build_model(f"{user_package}.nets:tiny", (8, 8, 1), 5, dropout=0.2, stateful=False)
-    assert isinstance(model, tf.keras.Model)
+    assert isinstance(model, keras.Model)
     assert model.get_layer("out").units == 5
     assert model(np.zeros((2, 8, 8, 1))).shape == (2, 5)
 
@@ -317,7 +314,7 @@ def test_user_model_from_package_module_function(user_package):
         ("{pkg}.broken:build", r"cannot import module .*RuntimeError: boom second line"),
         ("{pkg}.nets:missing", r"has no attribute 'missing'"),
         ("{pkg}.nets:NOT_CALLABLE", r"not callable"),
-        ("{pkg}.nets:not_a_model", r"returned str, not a tf.keras.Model"),
+        ("{pkg}.nets:not_a_model", r"returned str, not a keras.Model"),
         ("{pkg}.nets:", r"expected package.module:function"),
         (":tiny", r"expected package.module:function"),
     ],
@@ -357,15 +354,15 @@ def test_digits_cnn_reaches_95_percent_on_sklearn_digits():
     x_train, x_test, y_train, y_test = train_test_split(
         x, digits.target, test_size=0.2, stratify=digits.target, random_state=0
     )
-    tf.keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(0)
     model = build_model("digits_cnn", (8, 8, 1), 10)
     assert not any(
-        isinstance(l, (tf.keras.layers.BatchNormalization, tf.keras.layers.Dropout))
+        isinstance(l, (keras.layers.BatchNormalization, keras.layers.Dropout))
         for l in model.layers
     )
     model.compile(
-        optimizer=tf.keras.optimizers.Adam(1e-3),
-        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
     model.fit(x_train, y_train, batch_size=32, epochs=8, verbose=0)

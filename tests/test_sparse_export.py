@@ -4,6 +4,7 @@ import pickle
 
 import numpy as np
 import pytest
+import keras
 import tensorflow as tf
 
 from trainer.errors import UsageError
@@ -15,7 +16,7 @@ SHAPES = {"digits_cnn": (8, 8, 1), "cifar10_cnn": (32, 32, 3)}
 
 
 def _model(name, seed=0):
-    tf.keras.utils.set_random_seed(seed)
+    keras.utils.set_random_seed(seed)
     return build_model(name, SHAPES[name], 10)
 
 
@@ -37,7 +38,7 @@ def _bits(a):
 
 
 def _assert_same_weights(a, b):
-    wa, wb = {w.name: w.numpy() for w in a.weights}, {w.name: w.numpy() for w in b.weights}
+    wa, wb = {w.path: np.asarray(w.numpy()) for w in a.weights}, {w.path: np.asarray(w.numpy()) for w in b.weights}
     assert list(wa) == list(wb)
     for name in wa:
         assert wa[name].dtype == wb[name].dtype and wa[name].shape == wb[name].shape, name
@@ -57,7 +58,7 @@ def _x(name, n=4):
 @pytest.mark.parametrize("name", sorted(SHAPES))
 def test_round_trip_is_bitwise_exact(tmp_path, name, sparsity):
     model = _prune(_model(name), sparsity)
-    kernel = next(w for w in model.weights if w.name == "conv1/kernel:0").numpy()
+    kernel = next(w for w in model.weights if w.path == "conv1/kernel").numpy()
     assert abs(np.mean(kernel == 0) - sparsity) < 0.01  # the pruning really happened
 
     info = save_sparse(model, tmp_path / "m.npz")
@@ -95,7 +96,7 @@ def test_artifact_holds_no_pickled_object_and_names_every_weight(tmp_path):
     assert data["format"].dtype == np.uint8 and data["architecture"].dtype == np.uint8
     assert json.loads(data["architecture"].tobytes())["class_name"] == "Functional"
     index = json.loads(data["index"].tobytes())
-    assert [e["name"] for e in index] == [w.name for w in model.weights]
+    assert [e["name"] for e in index] == [w.path for w in model.weights]
     assert [tuple(e["shape"]) for e in index] == [tuple(w.shape) for w in model.weights]
 
 
@@ -178,9 +179,9 @@ def test_an_architecture_with_lambda_bytecode_is_refused_not_run(tmp_path):
     global _MARKER  # a global, not a closure: Keras serializes closure cells with the bytecode
     marker = tmp_path / "marker"
     _MARKER = str(marker)
-    inputs = tf.keras.Input((3,))
-    outputs = tf.keras.layers.Lambda(lambda x: (open(_MARKER, "w").close(), x)[1])(inputs)
-    model = tf.keras.Model(inputs, outputs)
+    inputs = keras.Input((3,))
+    outputs = keras.layers.Lambda(lambda x: (open(_MARKER, "w").close(), x)[1])(inputs)
+    model = keras.Model(inputs, outputs)
     with pytest.raises(UsageError, match="Lambda"):
         save_sparse(model, tmp_path / "refused.npz")
     assert marker.exists()  # building the model ran the lambda once
@@ -208,22 +209,22 @@ def test_missing_tensor_or_wrong_shape_names_file_and_tensor(tmp_path):
     save_sparse(_prune(_model("digits_cnn"), 0.9), tmp_path / "good.npz")
 
     def drop(index, data):
-        del index[2]  # conv2/kernel:0
+        del index[2]  # conv2/kernel
 
     _rewrite(tmp_path / "good.npz", tmp_path / "missing.npz", drop)
-    assert "conv2/kernel:0" in _load_error(tmp_path / "missing.npz")
+    assert "conv2/kernel" in _load_error(tmp_path / "missing.npz")
 
     def reshape(index, data):
         index[0]["shape"] = [3, 3, 1, 16]
 
     _rewrite(tmp_path / "good.npz", tmp_path / "shape.npz", reshape)
-    assert "conv1/kernel:0" in _load_error(tmp_path / "shape.npz")
+    assert "conv1/kernel" in _load_error(tmp_path / "shape.npz")
 
     def short_values(index, data):
-        data["w0004_values"] = data["w0004_values"][:-1]  # dense1/kernel:0
+        data["w0004_values"] = data["w0004_values"][:-1]  # dense1/kernel
 
     _rewrite(tmp_path / "good.npz", tmp_path / "values.npz", short_values)
-    assert "dense1/kernel:0" in _load_error(tmp_path / "values.npz")
+    assert "dense1/kernel" in _load_error(tmp_path / "values.npz")
 
 
 # --------------------------------------------------------------------------
@@ -265,16 +266,16 @@ def test_sparsity_rows_table_and_plot(tmp_path):
     dense1.assign(value.reshape(dense1.shape))
     mask = np.ones(dense1.shape, dtype=np.float32).reshape(-1)
     mask[20:70] = 0  # overlaps the weight's own zeros at 20..29: counted once
-    masks = {"dense1/kernel:0": mask.reshape(dense1.shape),
+    masks = {"dense1/kernel": mask.reshape(dense1.shape),
              "logits/kernel": np.ones(model.get_layer("logits").kernel.shape, bool),
-             "conv2/bias:0": np.ones(64)}
+             "conv2/bias": np.ones(64)}
 
     rows = sparsity_rows(model, masks)
     assert [(r["layer"], r["weight"], r["params"], r["zeros"]) for r in rows] == [
-        ("conv1", "conv1/kernel:0", 288, 100),
-        ("conv2", "conv2/bias:0", 64, 64),  # all-zero fresh bias, listed because masked
-        ("dense1", "dense1/kernel:0", 576 * 128, 70),
-        ("logits", "logits/kernel:0", 128 * 10, 0),
+        ("conv1", "conv1/kernel", 288, 100),
+        ("conv2", "conv2/bias", 64, 64),  # all-zero fresh bias, listed because masked
+        ("dense1", "dense1/kernel", 576 * 128, 70),
+        ("logits", "logits/kernel", 128 * 10, 0),
     ]
     assert rows[0]["sparsity"] == pytest.approx(100 / 288)
     assert rows[3]["sparsity"] == 0.0
@@ -284,7 +285,7 @@ def test_sparsity_rows_table_and_plot(tmp_path):
     assert len(lines) == 1 + 1 + 4 + 1 + 1
     assert len({len(line) for line in lines}) == 1  # aligned
     assert lines[0].split() == ["layer", "weight", "params", "zeros", "sparsity"]
-    assert lines[2].split() == ["conv1", "conv1/kernel:0", "288", "100", "34.72%"]
+    assert lines[2].split() == ["conv1", "conv1/kernel", "288", "100", "34.72%"]
     total_params = 288 + 64 + 576 * 128 + 1280
     assert lines[-1].split()[-3:] == [f"{total_params:,}", "234", f"{100 * 234 / total_params:.2f}%"]
 
@@ -294,6 +295,6 @@ def test_sparsity_rows_table_and_plot(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["sparsity.png"]
 
     with pytest.raises(UsageError, match="nope"):
-        sparsity_rows(model, {"nope/kernel:0": np.ones(3)})
-    with pytest.raises(UsageError, match="conv1/kernel:0"):
-        sparsity_rows(model, {"conv1/kernel:0": np.ones(3)})
+        sparsity_rows(model, {"nope/kernel": np.ones(3)})
+    with pytest.raises(UsageError, match="conv1/kernel"):
+        sparsity_rows(model, {"conv1/kernel": np.ones(3)})

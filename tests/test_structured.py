@@ -2,13 +2,14 @@
 
 import numpy as np
 import pytest
-import tensorflow as tf
+import keras
 
 from trainer.errors import UsageError
 from trainer.models import build_model
 from trainer.pruning.structured import check_sliceable, select_units, slice_model, unit_masks
+from trainer.varnames import keyed, keys
 
-L = tf.keras.layers
+L = keras.layers
 TOL = 1e-5
 
 
@@ -27,9 +28,9 @@ def mlp():
 
 def seq_dense_bn():
     """Dense -> BN -> ReLU -> Dropout -> Dense(tanh) -> logits: BN constant folded into d2."""
-    return tf.keras.Sequential(
+    return keras.Sequential(
         [
-            tf.keras.Input(shape=(12,)),
+            keras.Input(shape=(12,)),
             L.Dense(16, activation="relu", name="d1"),
             L.BatchNormalization(name="bn1"),
             L.ReLU(name="relu1"),
@@ -47,9 +48,9 @@ def seq_conv_bn():
     Pruning conv2 folds the BN constant through Flatten into dense1; pruning the
     sigmoid dense1 folds sigmoid(0) = 0.5 into logits.
     """
-    return tf.keras.Sequential(
+    return keras.Sequential(
         [
-            tf.keras.Input(shape=(10, 10, 2)),
+            keras.Input(shape=(10, 10, 2)),
             L.Conv2D(8, 3, padding="same", activation="relu", name="conv1"),
             L.MaxPooling2D(2, name="pool1"),
             L.Conv2D(6, 2, padding="valid", name="conv2"),
@@ -66,7 +67,7 @@ def seq_conv_bn():
 
 def functional_gap():
     """A functional chain ending in GlobalAveragePooling2D; BN before a valid conv (folded)."""
-    inputs = tf.keras.Input(shape=(9, 9, 3), name="input")
+    inputs = keras.Input(shape=(9, 9, 3), name="input")
     x = L.Conv2D(8, 3, padding="same", name="conv1")(inputs)
     x = L.BatchNormalization(name="bn1")(x)
     x = L.ReLU(name="relu1")(x)
@@ -75,7 +76,7 @@ def functional_gap():
     x = L.GlobalAveragePooling2D(name="gap")(x)
     x = L.Dense(16, activation="relu", name="dense1")(x)
     outputs = L.Dense(5, name="logits")(x)
-    return tf.keras.Model(inputs, outputs, name="functional_gap")
+    return keras.Model(inputs, outputs, name="functional_gap")
 
 
 SLICEABLE = {
@@ -111,13 +112,13 @@ def inputs_for(model, n=16, seed=1):
 
 
 def predict(model, x):
-    return model(x, training=False).numpy()
+    return keras.ops.convert_to_numpy(model(x, training=False))
 
 
 def apply_masks(model, masks):
-    for w in model.weights:
-        if w.name in masks:
-            w.assign(w.numpy() * masks[w.name])
+    for name, w in keyed(model.weights).items():
+        if name in masks:
+            w.assign(w.numpy() * masks[name])
 
 
 def norms(layer):
@@ -178,7 +179,7 @@ def test_sliced_keras_file_is_smaller_and_reloads(name, tmp_path):
     sliced_size = (tmp_path / "sliced.keras").stat().st_size
     assert sliced_size < 0.6 * full_size, (sliced_size, full_size)
     x = inputs_for(model)
-    reloaded = tf.keras.models.load_model(tmp_path / "sliced.keras")
+    reloaded = keras.models.load_model(tmp_path / "sliced.keras")
     np.testing.assert_allclose(predict(reloaded, x), predict(sliced, x), rtol=0, atol=1e-6)
 
 
@@ -203,8 +204,8 @@ def test_training_briefly_then_slicing_is_exact():
     x = rng.normal(size=(64, 8, 8, 1)).astype(np.float32)
     y = rng.integers(0, 10, size=64)
     model.compile(
-        optimizer=tf.keras.optimizers.Adam(1e-2),
-        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     model.fit(x, y, batch_size=32, epochs=2, verbose=0)
     assert_masked_equals_sliced(model, select_units(model, 0.5))
@@ -214,10 +215,10 @@ def test_unit_masks_zero_exactly_the_removed_units():
     model = randomize(mlp())
     keep = select_units(model, 0.25)
     masks = unit_masks(model, keep)
-    assert set(masks) == {"dense1/kernel:0", "dense1/bias:0", "dense2/kernel:0", "dense2/bias:0"}
+    assert set(masks) == {"dense1/kernel", "dense1/bias", "dense2/kernel", "dense2/bias"}
     for name in ("dense1", "dense2"):
         layer = model.get_layer(name)
-        kernel_mask, bias_mask = masks[layer.kernel.name], masks[layer.bias.name]
+        kernel_mask, bias_mask = masks[f"{name}/kernel"], masks[f"{name}/bias"]
         assert kernel_mask.shape == tuple(layer.kernel.shape) and kernel_mask.dtype == np.float32
         assert bias_mask.shape == tuple(layer.bias.shape)
         expected = np.zeros(layer.units, np.float32)
@@ -283,11 +284,11 @@ def test_output_layer_is_never_pruned():
 
 
 def residual():
-    inputs = tf.keras.Input(shape=(6,), name="input")
+    inputs = keras.Input(shape=(6,), name="input")
     x = L.Dense(8, activation="relu", name="dense1")(inputs)
     y = L.Dense(8, activation="relu", name="dense2")(x)
     x = L.Add(name="add")([x, y])
-    return tf.keras.Model(inputs, L.Dense(3, name="logits")(x), name="residual")
+    return keras.Model(inputs, L.Dense(3, name="logits")(x), name="residual")
 
 
 def lstm_between_dense():
@@ -295,20 +296,20 @@ def lstm_between_dense():
 
     proj's units would pass through the LSTM; d1 and d2 only feed Dense layers.
     """
-    inputs = tf.keras.Input(shape=(6, 5), name="input")
+    inputs = keras.Input(shape=(6, 5), name="input")
     x = L.Dense(8, activation="relu", name="proj")(inputs)
     x = L.LSTM(12, name="lstm")(x)
     x = L.Dense(16, activation="relu", name="d1")(x)
     x = L.Dropout(0.3, name="drop")(x)
     x = L.Dense(8, activation="tanh", name="d2")(x)
-    return tf.keras.Model(inputs, L.Dense(3, name="logits")(x), name="lstm_between_dense")
+    return keras.Model(inputs, L.Dense(3, name="logits")(x), name="lstm_between_dense")
 
 
 def dense_then_lstm():
     """d1 -> d2 -> Reshape -> LSTM -> logits: only d1 can be pruned (d2 feeds the Reshape)."""
-    return tf.keras.Sequential(
+    return keras.Sequential(
         [
-            tf.keras.Input(shape=(12,)),
+            keras.Input(shape=(12,)),
             L.Dense(16, activation="relu", name="d1"),
             L.Dense(16, activation="relu", name="d2"),
             L.Reshape((4, 4), name="to_seq"),
@@ -317,6 +318,22 @@ def dense_then_lstm():
         ],
         name="dense_then_lstm",
     )
+
+
+def shared_dense():
+    """The same Dense layer applied twice: not a chain."""
+    shared = L.Dense(6, activation="relu", name="shared")
+    inputs = keras.Input(shape=(6,), name="input")
+    return keras.Model(inputs, L.Dense(3, name="logits")(shared(shared(inputs))), name="shared_dense")
+
+
+def with_ops():
+    """keras.ops calls are graph nodes that are not layers: tanh before d1 (off every
+    pruned path), relu between d2 and logits (on d2's path)."""
+    inputs = keras.Input(shape=(6,), name="input")
+    x = L.Dense(8, activation="relu", name="d1")(keras.ops.tanh(inputs))
+    x = keras.ops.relu(L.Dense(8, name="d2")(x))
+    return keras.Model(inputs, L.Dense(3, name="logits")(x), name="with_ops")
 
 
 def cifar10(input_shape=(32, 32, 3)):
@@ -343,6 +360,9 @@ UNSLICEABLE = {
     "lstm_on_pruned_path": (lstm_between_dense, None, 0.5, {"proj": np.arange(4)}, "'lstm'"),
     # A Reshape on the path of a pruned Dense.
     "reshape_on_pruned_path": (dense_then_lstm, ["d2"], {"d2": 0.5}, {"d2": np.arange(8)}, "'to_seq'"),
+    "shared_layer": (shared_dense, None, 0.5, {}, "'shared'"),
+    # A bare keras.ops operation (auto-named, so named here by its class).
+    "op_on_pruned_path": (with_ops, ["d2"], {"d2": 0.5}, {"d2": np.arange(4)}, "(Relu)"),
 }
 
 
@@ -390,9 +410,9 @@ def test_models_without_a_prunable_layer_are_carried_over_whole(factory):
 
 
 def bn_before_same_conv():
-    return tf.keras.Sequential(
+    return keras.Sequential(
         [
-            tf.keras.Input(shape=(6, 6, 1)),
+            keras.Input(shape=(6, 6, 1)),
             L.Conv2D(4, 3, padding="same", activation="relu", name="conv1"),
             L.BatchNormalization(name="bn1"),
             L.Conv2D(4, 3, padding="same", activation="relu", name="conv2"),
@@ -403,9 +423,9 @@ def bn_before_same_conv():
 
 
 def sigmoid_before_same_conv():
-    return tf.keras.Sequential(
+    return keras.Sequential(
         [
-            tf.keras.Input(shape=(6, 6, 1)),
+            keras.Input(shape=(6, 6, 1)),
             L.Conv2D(4, 3, padding="same", activation="sigmoid", name="conv1"),
             L.Conv2D(4, 3, padding="same", activation="relu", name="conv2"),
             L.Flatten(name="flatten"),
@@ -436,9 +456,9 @@ def test_constant_that_cannot_be_folded_is_refused(factory, culprit):
 
 
 def test_non_elementwise_activation_is_refused():
-    model = tf.keras.Sequential(
+    model = keras.Sequential(
         [
-            tf.keras.Input(shape=(5,)),
+            keras.Input(shape=(5,)),
             L.Dense(6, activation="softmax", name="dense1"),
             L.Dense(3, name="logits"),
         ]
@@ -494,7 +514,7 @@ def test_cifar10_cnn_dense_layers_can_be_pruned():
         for name in keep:
             np.testing.assert_array_equal(other[name], keep[name])
 
-    original = {w.name: w.numpy() for w in model.weights}
+    original = {name: w.numpy() for name, w in keyed(model.weights).items()}
     sliced = assert_masked_equals_sliced(model, keep)
     assert sliced.count_params() < model.count_params()
     assert sliced.get_layer("local3").kernel.shape == (8 * 8 * 64, 192)
@@ -509,7 +529,7 @@ def test_cifar10_cnn_dense_layers_can_be_pruned():
     for name in ("conv1", "conv2"):
         assert sliced.get_layer(name).get_config() == model.get_layer(name).get_config()
         for w in sliced.get_layer(name).weights:
-            np.testing.assert_array_equal(w.numpy(), original[w.name])
+            np.testing.assert_array_equal(w.numpy(), original[f"{name}/{w.name}"])
 
 
 def test_cifar10_cnn_default_layers_are_refused_naming_norm1():
@@ -556,7 +576,29 @@ def test_unsupported_layers_after_the_next_weighted_layer_are_carried_over():
         check_sliceable(model)
     keep = select_units(model, {"d1": 0.5})
     sliced = assert_masked_equals_sliced(model, keep)
-    assert type(sliced) is tf.keras.Sequential
+    assert type(sliced) is keras.Sequential
     assert sliced.get_layer("d2").kernel.shape == (8, 16)
     for new, old in zip(sliced.get_layer("lstm").weights, model.get_layer("lstm").weights):
         np.testing.assert_array_equal(new.numpy(), old.numpy())
+
+
+def test_keras_ops_off_the_pruned_paths_are_carried_over():
+    model = randomize(with_ops(), seed=7)
+    check_sliceable(model, layers=["d1"])
+    sliced = assert_masked_equals_sliced(model, select_units(model, {"d1": 0.5}))
+    assert sliced.get_layer("d2").kernel.shape == (4, 8)
+
+
+def test_reloaded_sequential_and_a_slice_of_a_slice_are_exact(tmp_path):
+    """A Sequential loaded from a .keras file (Keras 3 adds a node to each layer
+    whenever it rebuilds one) slices exactly, and so does its slice."""
+    model = randomize(seq_conv_bn())
+    model.save(tmp_path / "model.keras")
+    reloaded = keras.models.load_model(tmp_path / "model.keras")
+    sliced = assert_masked_equals_sliced(reloaded, select_units(reloaded, 0.5))
+    again = assert_masked_equals_sliced(sliced, select_units(sliced, 0.5))
+    assert again.get_layer("conv2").filters == 2 and again.get_layer("dense1").units == 3
+    # Every variable of a slice is named as a reload of its file names it (no
+    # model-name prefix on some layers and not on others).
+    for small in (sliced, again):
+        assert keys(small.weights) == [f"{l.name}/{w.name}" for l in small.layers for w in l.weights]

@@ -6,10 +6,10 @@
 #   tools/horovod-wheel.sh PYTHON WHEEL_DIR
 #
 # Horovod's maintainers stopped at TF 2.15. Its sdist builds against TF 2.21
-# once horovod/tensorflow/xla_mpi_ops.cc is left out of the build
-# (patches/horovod-0.28.1-tf2.21.patch): that file includes XLA headers
-# TensorFlow has moved, and only the XLA ops (HOROVOD_ENABLE_XLA_OPS, GPU)
-# use it. A patch that stops applying fails the build here, loudly.
+# once horovod/tensorflow/xla_mpi_ops.cc is left out of CPU builds; the patch
+# (patches/horovod-0.28.1.patch, which says what each part does and why) also
+# keeps horovodrun's build checks from printing TensorFlow's banners. A patch
+# that stops applying fails the build here, loudly.
 # GPU builds: set HOROVOD_GPU_OPERATIONS=NCCL (and HOROVOD_CUDA_HOME...) in
 # the environment; the wheel is cached under a name of its own.
 set -euo pipefail
@@ -17,12 +17,24 @@ PY="${1:?usage: tools/horovod-wheel.sh PYTHON WHEEL_DIR}"
 OUT="${2:?usage: tools/horovod-wheel.sh PYTHON WHEEL_DIR}"
 VERSION=0.28.1
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PATCH="$root/patches/horovod-$VERSION-tf2.21.patch"
+PATCH="$root/patches/horovod-$VERSION.patch"
 
 log() { printf '[horovod-wheel] %s\n' "$*" >&2; }
 
-tf="$("$PY" -c 'import tensorflow as tf; print(tf.__version__)' 2>/dev/null)" \
-  || { log "error: TensorFlow is not importable with $PY; install requirements.txt first"; exit 1; }
+# The installed distribution's version (tensorflow-cpu, or tensorflow on GPU
+# machines), read without importing TensorFlow, which takes seconds.
+tf="$("$PY" - <<'PY' 2>/dev/null
+from importlib import metadata
+for name in ("tensorflow", "tensorflow-cpu"):
+    try:
+        print(metadata.version(name))
+        break
+    except metadata.PackageNotFoundError:
+        pass
+else:
+    raise SystemExit(1)
+PY
+)" || { log "error: TensorFlow is not installed beside $PY; install requirements.txt first"; exit 1; }
 pytag="$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
 kind="cpu"; [ -n "${HOROVOD_GPU_OPERATIONS:-}" ] && kind="gpu-${HOROVOD_GPU_OPERATIONS,,}"
 key="$VERSION-$pytag-tf$tf-$kind-$(sha256sum "$PATCH" | cut -c1-12)"

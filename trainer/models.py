@@ -117,9 +117,12 @@ def _batch_size_for(options, model_name):
         raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
     batch_size = int(batch_size)
     if tf.distribute.has_strategy():
-        # Keras 2.15 raises a ValueError for stateful RNNs inside any strategy scope.
+        # Keras 3 builds it, but the state is one variable mirrored over the
+        # replicas while each replica feeds other sequences: their states
+        # would be mixed. Refused rather than silently wrong.
         raise UsageError(
-            f"stateful {model_name} cannot be built under tf.distribute (a Keras limitation): "
+            f"stateful {model_name} cannot run under tf.distribute (its state would be shared by "
+            "replicas that see different sequences): "
             "use the Horovod backend or drop stateful"
         )
     return batch_size

@@ -166,8 +166,10 @@ def _text(data: str) -> np.ndarray:
 
 
 def _has_python_lambda(config) -> bool:
+    # Keras 2 marks a serialized Python lambda with function_type "lambda",
+    # Keras 3 with class_name "__lambda__"; either holds bytecode.
     if isinstance(config, dict):
-        if config.get("function_type") == "lambda":
+        if config.get("function_type") == "lambda" or config.get("class_name") == "__lambda__":
             return True
         return any(_has_python_lambda(v) for v in config.values())
     if isinstance(config, list):

@@ -26,7 +26,7 @@ class Pruner:
         self.end = cfg.end if cfg.end != -1 else max(cfg.begin + 1, int(0.75 * total_steps))
         self.targets = {k: t for k, _, t in chosen}
         if cfg.structured:
-            from ...varnames import key_map
+            from ..varnames import key_map
             from .structured import check_sliceable
             self.layer_targets = {k.split("/")[0]: t for k, _, t in chosen}
             check_sliceable(model, layers=list(self.layer_targets))
