@@ -374,7 +374,23 @@ def _build_user_model(name, input_shape, num_classes, options):
             f"model {name!r}: {module_name}.{function_name}(input_shape, num_classes, ...) "
             f"returned {type(model).__name__}, not a keras.Model; {_choices()}"
         )
-    return model
+    return _canonical_paths(model)
+
+
+def _canonical_paths(model):
+    """A Sequential built in memory names its variables under its own name
+    (``seq/dense/kernel``); the same model loaded from its .keras file does
+    not (``dense/kernel``). Checkpoints and merges key variables by path, so
+    such a model is rebuilt from its config, as loading would. Initial
+    weights come from the seeded generator either way, the same on every
+    process. A model whose config Keras cannot rebuild is kept as it is."""
+    if not isinstance(model, keras.Sequential) or not any(
+            w.path.startswith(f"{model.name}/") for w in model.weights):
+        return model
+    try:
+        return keras.Sequential.from_config(model.get_config())
+    except Exception:  # unregistered custom layers: keep the user's object
+        return model
 
 
 def build_model(name: str, input_shape: tuple, num_classes: int, **options) -> keras.Model:
