@@ -1,6 +1,5 @@
-"""The Docker images are not built here (no Docker engine on this machine):
-check that they pin the same stack as pyproject.toml and requirements.txt,
-and that what they start exists."""
+"""The Docker images pin the same stack as pyproject.toml, requirements.txt
+and ./run, and what they copy and start exists."""
 from __future__ import annotations
 
 import os
@@ -31,24 +30,35 @@ def _pyproject() -> dict:
 
 def test_requirements_and_pyproject_agree():
     pins, declared = _pins(), _pyproject()
-    declared.pop("horovod")  # built from source after TensorFlow, by ./run setup and the Dockerfiles
+    declared.pop("horovod")  # built from source after TensorFlow, by tools/horovod-wheel.sh
+    # The gpu extra is the CUDA build of the very TensorFlow requirements.txt pins for CPUs.
+    assert declared.pop("tensorflow[and-cuda]") == pins["tensorflow-cpu"]
     for name, version in declared.items():
         assert pins.get(name) == version, f"{name}: pyproject {version}, requirements.txt {pins.get(name)}"
+    # Every package of the environment that touches TensorFlow is pinned.
+    for name in ("tensorflow-cpu", "keras", "tensorboard", "ml-dtypes", "protobuf", "numpy", "h5py"):
+        assert name in pins, name
 
 
 def test_images_pin_the_same_stack():
     declared = _pyproject()
     for name in ("Dockerfile", "Dockerfile.gpu"):
         text = (DOCKER / name).read_text()
-        assert "pip install -r requirements.txt" in text, name
         assert f"ARG HOROVOD_VERSION={declared['horovod']}" in text, name
-        assert "HOROVOD_WITH_TENSORFLOW=1" in text and "HOROVOD_WITH_GLOO=1" in text, name
+        # The one Horovod recipe (sdist + the project's patch) that ./run uses too.
+        assert "COPY tools/horovod-wheel.sh tools/" in text and "COPY patches patches" in text, name
+        assert re.search(r"tools/horovod-wheel\.sh python /tmp/wheels", text), name
     cpu, gpu = (DOCKER / "Dockerfile").read_text(), (DOCKER / "Dockerfile.gpu").read_text()
-    assert re.search(r"^FROM python:3\.11-", cpu, re.M)
-    assert "python3.11" in gpu and "HOROVOD_GPU_OPERATIONS=NCCL" in gpu and "libnccl-dev" in gpu
-    assert f"ARG TENSORFLOW_VERSION={declared['tensorflow']}" in gpu
-    assert f"HOROVOD_VERSION={declared['horovod']}" in (REPO / "run").read_text()
+    assert "pip install --no-cache-dir -r requirements.txt" in cpu
+    assert re.search(r"^ARG BASE=python:3\.12-slim-bookworm$", cpu, re.M)
+    assert "python3.12" in gpu and "HOROVOD_GPU_OPERATIONS=NCCL" in gpu and "libnccl-dev" in gpu
+    # GPU: requirements.txt without tensorflow-cpu, plus tensorflow[and-cuda] at the same version.
+    assert "grep -v '^tensorflow-cpu==' requirements.txt" in gpu
+    assert f"ARG TENSORFLOW_VERSION={_pins()['tensorflow-cpu']}" in gpu
     assert '"tensorflow[and-cuda]==${TENSORFLOW_VERSION}"' in gpu
+    run = (REPO / "run").read_text()
+    assert f"HOROVOD_VERSION={declared['horovod']}" in run and f"TF_VERSION={_pins()['tensorflow-cpu']}" in run
+    assert f'VERSION={declared["horovod"]}' in (REPO / "tools" / "horovod-wheel.sh").read_text()
 
 
 def test_entrypoints_and_copied_paths_exist():
