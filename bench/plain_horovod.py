@@ -1,7 +1,11 @@
 """The baseline: a minimal Horovod + Keras training loop, written from
 Horovod's documented TensorFlow 2 API (hvd.init, DistributedGradientTape,
-broadcast_variables after the first batch, lr scaled by size), on the same
+variables broadcast after the first batch, lr scaled by size), on the same
 model and per-rank batch as our trainer. Prints one JSON line on rank 0.
+
+On Keras 3, hvd.broadcast_variables does not take Keras variables, so the
+first batch broadcasts their values (v.assign(hvd.broadcast(v, 0))), as a
+Horovod user on Keras 3 does.
 
     horovodrun -np 2 python bench/plain_horovod.py --batch-size 64 --steps 60
 """
@@ -13,6 +17,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import horovod.tensorflow as hvd  # noqa: E402
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -36,8 +41,9 @@ def main():
     x = rng.random((n, 32, 32, 3), dtype=np.float32)
     y = rng.integers(0, 10, n)
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(args.batch_size)
-    loss = tf.losses.SparseCategoricalCrossentropy(from_logits=True)
-    opt = tf.optimizers.Adam(0.001 * hvd.size())
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    opt = keras.optimizers.Adam(0.001 * hvd.size())
+    opt.build(model.trainable_variables)
 
     @tf.function
     def training_step(images, labels, first_batch):
@@ -47,8 +53,8 @@ def main():
         grads = tape.gradient(loss_value, model.trainable_variables)
         opt.apply_gradients(zip(grads, model.trainable_variables))
         if first_batch:
-            hvd.broadcast_variables(model.variables, root_rank=0)
-            hvd.broadcast_variables(opt.variables(), root_rank=0)
+            for i, v in enumerate(model.variables + opt.variables):
+                v.assign(hvd.broadcast(tf.convert_to_tensor(v), root_rank=0, name=f"bcast{i}"))
         return loss_value
 
     it = iter(dataset)

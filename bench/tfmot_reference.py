@@ -3,7 +3,11 @@ prune_low_magnitude on the same model, data and batch, trained with
 model.fit and its UpdatePruningStep callback, beside the same model trained
 densely with model.fit. Prints one JSON line: seconds per step of each.
 
-    python bench/tfmot_reference.py --steps 40 --batch-size 64
+TFMOT supports only Keras 2, so this runs in an environment of its own
+(TF 2.15, tf-keras, TFMOT 0.8.0: bench/tfmot-requirements.txt, which
+`./run bench` builds with a Python 3.11), never beside the project's Keras 3:
+
+    $TFMOT_PYTHON bench/tfmot_reference.py --steps 40 --batch-size 64
 """
 import argparse
 import json
@@ -12,9 +16,18 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import sys  # noqa: E402
+
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_model_optimization as tfmot  # noqa: E402
+import tf_keras  # noqa: E402
+
+# TFMOT wraps tf_keras layers; trainer.models says `import keras`, which in
+# this environment is a second, separate Keras 2. One Keras for both: the
+# architecture is then exactly the trainer's.
+sys.modules["keras"] = tf_keras
+tf.keras = tf_keras
 
 from trainer.models import build_model  # noqa: E402
 
