@@ -69,14 +69,14 @@ def shapes(width: int) -> dict[str, tuple]:
 
 def generate_one(path: str, width: int, seed: int) -> None:
     """Run in its own process: one model, random values, plain model.save."""
+    import keras
     import numpy as np
-    import tensorflow as tf
     dims = [width // 2, width, width, width, width, width // 2]
-    x = inp = tf.keras.Input((dims[0],), name="x")
+    x = inp = keras.Input((dims[0],), name="x")
     for name, units in zip(LAYERS, dims[1:]):
-        x = tf.keras.layers.Dense(units, activation="relu" if name != LAYERS[-1] else None, name=name,
+        x = keras.layers.Dense(units, activation="relu" if name != LAYERS[-1] else None, name=name,
                                   kernel_initializer="zeros")(x)
-    model = tf.keras.Model(inp, x, name="big_mlp")
+    model = keras.Model(inp, x, name="big_mlp")
     rng = np.random.default_rng(seed)
     for layer in model.layers[1:]:
         k, b = (w.shape for w in layer.weights)

@@ -7,8 +7,8 @@ get_weights() in NumPy, set_weights, save. It shares no code with merge/.
 """
 import argparse
 
+import keras
 import numpy as np
-import tensorflow as tf
 
 
 def main() -> None:
@@ -16,7 +16,7 @@ def main() -> None:
     p.add_argument("inputs", nargs="+")
     p.add_argument("-o", "--out", required=True)
     a = p.parse_args()
-    models = [tf.keras.models.load_model(path, compile=False) for path in a.inputs]
+    models = [keras.models.load_model(path, compile=False) for path in a.inputs]
     weights = [m.get_weights() for m in models]
     average = [np.mean(per_input, axis=0) for per_input in zip(*weights)]
     models[0].set_weights(average)

@@ -23,9 +23,10 @@ RULES = (("mean", "mean"), ("median", "median"), ("trimmed-mean:0.2", "trimmed")
 
 def poison(src: Path, dst: Path, scale: float) -> None:
     """A client that sends garbage: its weights times `scale`."""
-    import tensorflow as tf
+    import keras
+
     import trainer.models  # noqa: F401  (registers the trainer's custom layers)
-    model = tf.keras.models.load_model(src, compile=False)
+    model = keras.models.load_model(src, compile=False)
     model.set_weights([scale * w for w in model.get_weights()])
     model.save(dst)
 

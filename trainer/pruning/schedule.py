@@ -1,11 +1,11 @@
 """When masks change and to what sparsity.
 
 The two schedules of TensorFlow Model Optimization, written out here rather
-than imported: importing tensorflow_model_optimization 0.8 (even only its
-pruning_schedule module) into a TF 2.15.1 process makes every later
-tf.keras.Model.from_config of a functional model loop forever (seen here;
-it is how slicing a structured-pruned model rebuilds it). TFMOT itself runs,
-in its own process, as the reference of bench/pruning.py.
+than imported: TFMOT supports only Keras 2 and cannot be imported beside
+Keras 3 (and on TF 2.15, importing it made later functional from_config
+calls loop forever). Its schedules are the reference of
+tests/test_prune_schedule.py (recorded in its own environment) and TFMOT
+itself, in its own environment, the reference of bench/pruning.py.
 """
 from __future__ import annotations
 
