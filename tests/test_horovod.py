@@ -1,5 +1,6 @@
 """horovodrun -np 2, end to end, with both controllers."""
 import re
+import sys
 
 import pytest
 
@@ -46,3 +47,24 @@ def test_mpi_controller_with_fp16_allreduce_keeps_ranks_identical(cwd):
     assert m["final"]["test_accuracy"] > 0.8
     # Training moved the weights away from the initialization (the lineage).
     assert prints[0] != m["lineage"]
+
+
+BANNERS = ("oneDNN custom operations", "absl::InitializeLog", "Unable to register", "cpu_feature_guard",
+           "rebuild TensorFlow with the appropriate compiler flags")
+
+
+def test_demo_command_starts_quietly(cwd):
+    """`./run demo` is `horovodrun -np 2 python -m trainer`: no controller flag,
+    so horovodrun first checks how Horovod was built (in a forked process
+    that imports TensorFlow), then every rank imports TensorFlow. None of
+    TensorFlow's start-up banners may reach the user, from either."""
+    from conftest import BIN, run
+    proc = ok(run([BIN / "horovodrun", "-np", 2, sys.executable, "-m", "trainer", "--epochs", 1,
+                   "--out", "run", "--quiet"], cwd=cwd, TF_CPP_MIN_LOG_LEVEL="0"))
+    out = proc.stdout + proc.stderr
+    assert "test accuracy" in out
+    assert not [b for b in BANNERS if b in out], out[:3000]
+    # The banners are there to be hidden: with DPT_NATIVE_LOGS=1 they show.
+    loud = ok(run([sys.executable, "-m", "trainer", "--epochs", 1, "--max-steps", 1, "--out", "loud", "--quiet"],
+                  cwd=cwd, DPT_NATIVE_LOGS="1", TF_CPP_MIN_LOG_LEVEL="0"))
+    assert "oneDNN custom operations" in loud.stderr
