@@ -3,8 +3,8 @@ models, before and after aligning B to A. The barrier is how much worse the
 path's worst point is than the mean of its two ends."""
 from __future__ import annotations
 
+import keras
 import numpy as np
-import tensorflow as tf
 
 from trainer.data import load_dataset
 from trainer.errors import UsageError
@@ -16,8 +16,8 @@ from .models import load_model, output_kind
 
 def _score(model, x, y) -> tuple[float, float]:
     scores = _predict(model, x, 256)
-    loss = tf.keras.losses.sparse_categorical_crossentropy(y, scores, from_logits=output_kind(model) == "logits")
-    return float(np.mean(loss)), float(np.mean(np.argmax(scores, -1) == y))
+    loss = keras.losses.sparse_categorical_crossentropy(y, scores, from_logits=output_kind(model) == "logits")
+    return float(np.mean(keras.ops.convert_to_numpy(loss))), float(np.mean(np.argmax(scores, -1) == y))
 
 
 def barrier(path_a: str, path_b: str, data: str, data_dir=None, points: int = 11, aligned: bool = True) -> dict:

@@ -124,6 +124,8 @@ def cmd_fedavg(a) -> int:
         for w in o.warnings:
             print(f"warning: {w}", file=sys.stderr)
     print(f"fedavg of {len(s['inputs'])} inputs -> {s['out']}")
+    if s.get("pairing"):
+        print(s["pairing"])
     for inp in s["inputs"]:
         print(f"  {inp['path']}  weight {inp['weight']:.4f}  samples {inp['samples_seen'] or '-'}  "
               f"{inp['format']}")
@@ -146,8 +148,10 @@ def cmd_fedavg(a) -> int:
 
 def cmd_server_step(a) -> int:
     from .server import server_step
-    server_step(a.previous, a.average, a.out, a.optimizer, a.state, a.server_lr, a.beta1, a.beta2, a.tau,
-                a.overwrite)
+    s = server_step(a.previous, a.average, a.out, a.optimizer, a.state, a.server_lr, a.beta1, a.beta2, a.tau,
+                    a.overwrite)
+    if s.get("pairing"):
+        print(s["pairing"])
     print(f"{a.optimizer} step: {a.previous} + ({a.average} - {a.previous}) -> {a.out}; state in {a.state}")
     return 0
 
@@ -206,7 +210,9 @@ def cmd_inspect(a) -> int:
 
 def cmd_diff(a) -> int:
     from .describe import diff
-    problems = diff(a.a, a.b)
+    problems, note = diff(a.a, a.b)
+    if note:
+        print(note)
     for line in problems:
         print(line)
     if not problems:

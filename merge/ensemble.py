@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import tensorflow as tf
+import keras
 
 from trainer.checkpoint import export_keras
 from trainer.errors import UsageError
@@ -43,8 +43,8 @@ def _single_io(model, name):
     return tuple(model.input_shape), out
 
 
-def build_ensemble(members: list[tf.keras.Model], method: str = "mean", weights=None, *,
-                   names: list[str] | None = None) -> tf.keras.Model:
+def build_ensemble(members: list[keras.Model], method: str = "mean", weights=None, *,
+                   names: list[str] | None = None) -> keras.Model:
     """One model: a shared Input, every member called on it, ``Combine`` on top.
 
     Outputs class probabilities whatever the members output. ``names`` (the
@@ -75,10 +75,9 @@ def build_ensemble(members: list[tf.keras.Model], method: str = "mean", weights=
                              "ensemble members must predict the same classes")
 
     for i, model in enumerate(members):
-        # Keras has no public rename; unique names keep the saved layer paths apart.
-        model._name = f"member_{i}"
-    inputs = tf.keras.Input(shape=in0[1:], batch_size=in0[0], dtype=members[0].inputs[0].dtype,
-                            name="input")
+        # A functional model needs unique layer names, and members often share theirs.
+        model.name = f"member_{i}"
+    inputs = keras.Input(shape=in0[1:], batch_size=in0[0], dtype=members[0].inputs[0].dtype, name="input")
     outputs = [model(inputs) for model in members]
     combined = Combine(method=method, weights=norm,
                        from_logits=[output_kind(m) == "logits" for m in members],

@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import keras
 import numpy as np
-import tensorflow as tf
 
 from trainer.checkpoint import atomic_write
 from trainer.data import load_dataset
@@ -60,12 +60,12 @@ def evaluate(paths: list[str], data: str, data_dir=None, batch_size: int = 256) 
                              f"{len(ds.x_test)} samples")
         scores = _predict(model, ds.x_test[:n], fixed or batch_size)
         y = ds.y_test[:n]
-        loss = tf.keras.losses.sparse_categorical_crossentropy(
+        loss = keras.losses.sparse_categorical_crossentropy(
             y, scores, from_logits=output_kind(model) == "logits")
         rows.append({
             "path": path,
             "kind": kind,
-            "loss": float(np.mean(loss)),
+            "loss": float(np.mean(keras.ops.convert_to_numpy(loss))),
             "accuracy": float(np.mean(np.argmax(scores, axis=-1) == y)),
             "params": int(model.count_params()),
         })
@@ -75,7 +75,7 @@ def evaluate(paths: list[str], data: str, data_dir=None, batch_size: int = 256) 
 def _predict(model, x, batch_size):
     # Eager calls, not model.predict: predict traces a new tf.function per model,
     # and a few models in a row make TensorFlow warn about retracing.
-    return np.concatenate([model(x[i:i + batch_size], training=False).numpy()
+    return np.concatenate([keras.ops.convert_to_numpy(model(x[i:i + batch_size], training=False))
                            for i in range(0, len(x), batch_size)])
 
 

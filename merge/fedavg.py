@@ -135,6 +135,9 @@ def _recalibrate(o: Options) -> int:
 def _fedavg(o: Options) -> dict:
     with Inputs(o.inputs) as inputs:
         keys = inputs.check_tensors()
+        for path, reason in inputs.mismatch.items():
+            o.warnings.append(f"{path}: its graph differs from {inputs.reference.path}'s ({reason}); "
+                              "its tensors were matched by name")
         lineage = _check_lineage(inputs, o)
         weights = _weights(inputs, o)
         masked = any(s.has_mask(k) for s in inputs.sources for k in keys) or o.infer_masks
@@ -162,13 +165,14 @@ def _fedavg(o: Options) -> dict:
                             "lineage": s.lineage}
                            for s, w, label in zip(inputs.sources, weights, o.labels or [s.path for s in inputs.sources])],
                 "sparsity": sparsity, "versions": package_versions(), "step": 0,
+                "paired_by_place": inputs.renamed or None,
             }
             check = _check_merged(writer, inputs, manifest, o) if o.data else None
             writer.commit(manifest, o.overwrite)
         except BaseException:
             writer.abort()
             raise
-    return {**manifest, "out": o.out, "check": check}
+    return {**manifest, "out": o.out, "check": check, "pairing": inputs.pairing_note()}
 
 
 def _check_lineage(inputs: Inputs, o: Options) -> str | None:

@@ -4,21 +4,20 @@
 log-softmax, argmax or one-hot, and a Lambda layer would make the saved
 ensemble refuse to load in safe mode.
 
-``Ensemble`` exists only so that a saved ensemble loads with plain
-``tf.keras.models.load_model``. Keras 2.15 imports the module a saved config
-names only for the top-level object: a nested layer it does not know is
-silently turned into its class name (and loading fails with "'str' object is
-not callable"). The top-level ``Ensemble`` names this module, Keras imports
-it, and that registers ``Combine`` (and, via trainer.models, the trainer's
-LocalResponseNormalization) before the layers are rebuilt. So any process
-that can import the ``merge`` package loads an ensemble without importing
-anything itself.
+Keras 3 imports no module a saved file names other than its own: a custom
+class is found only if it was registered in the loading process. Importing
+this module registers ``Combine`` and ``Ensemble`` (and, via trainer.models,
+the trainer's LocalResponseNormalization), so a saved ensemble loads with
+plain ``keras.models.load_model`` after ``import merge.layers``.
+``Ensemble`` is a functional model with no code of its own: its class name
+says what the file holds, and an ensemble saved under Keras 2 names it too.
 """
 from __future__ import annotations
 
 import math
 
-import tensorflow as tf
+import keras
+from keras import ops
 
 import trainer.models  # noqa: F401  (registers LocalResponseNormalization for members that use it)
 
@@ -49,8 +48,8 @@ def normalize_weights(weights, count: int) -> list[float]:
     return [w / total for w in weights]
 
 
-@tf.keras.saving.register_keras_serializable(package="merge")
-class Combine(tf.keras.layers.Layer):
+@keras.saving.register_keras_serializable(package="merge")
+class Combine(keras.layers.Layer):
     """Member outputs, a list of (batch, classes) tensors -> class probabilities.
 
     ``method``: ``mean`` (weighted mean of probabilities), ``logit-mean``
@@ -80,31 +79,30 @@ class Combine(tf.keras.layers.Layer):
             inputs = [inputs]
         if len(inputs) != len(self.from_logits):
             raise ValueError(f"Combine got {len(inputs)} inputs for {len(self.from_logits)} members")
-        xs = [tf.cast(x, self.compute_dtype) for x in inputs]
+        xs = [ops.cast(x, self.compute_dtype) for x in inputs]
         if self.method == "logit-mean":
-            logs = [tf.nn.log_softmax(x, axis=-1) if logit
-                    else tf.math.log(tf.clip_by_value(x, _EPS, 1.0))
+            logs = [ops.log_softmax(x, axis=-1) if logit else ops.log(ops.clip(x, _EPS, 1.0))
                     for x, logit in zip(xs, self.from_logits)]
-            return tf.nn.softmax(self._weighted_sum(logs), axis=-1)
-        probs = [tf.nn.softmax(x, axis=-1) if logit else x for x, logit in zip(xs, self.from_logits)]
+            return ops.softmax(self._weighted_sum(logs), axis=-1)
+        probs = [ops.softmax(x, axis=-1) if logit else x for x, logit in zip(xs, self.from_logits)]
         mean = self._weighted_sum(probs)
         if self.method == "mean":
             return mean
         if self.method == "vote":
-            depth = probs[0].shape[-1] or tf.shape(probs[0])[-1]
+            depth = probs[0].shape[-1]
             votes = self._weighted_sum(
-                [tf.one_hot(tf.argmax(p, axis=-1), depth, dtype=p.dtype) for p in probs])
+                [ops.one_hot(ops.argmax(p, axis=-1), depth, dtype=p.dtype) for p in probs])
             out = votes + _TIE_BREAK * mean
         else:  # max
-            out = tf.reduce_max(tf.stack(probs, axis=0), axis=0)
-        return out / tf.reduce_sum(out, axis=-1, keepdims=True)
+            out = ops.max(ops.stack(probs, axis=0), axis=0)
+        return out / ops.sum(out, axis=-1, keepdims=True)
 
     def _weighted_sum(self, tensors):
-        return tf.add_n([tf.cast(w, t.dtype) * t for w, t in zip(self.member_weights, tensors)])
+        return sum(ops.cast(w, t.dtype) * t for w, t in zip(self.member_weights, tensors))
 
     def compute_output_shape(self, input_shape):
         # A list of (batch, classes) shapes, all the same: the output has that shape.
-        return tf.TensorShape(input_shape[0])
+        return tuple(input_shape[0])
 
     def get_config(self):
         config = super().get_config()
@@ -113,11 +111,10 @@ class Combine(tf.keras.layers.Layer):
         return config
 
 
-@tf.keras.saving.register_keras_serializable(package="merge")
-class Ensemble(tf.keras.Model):
+@keras.saving.register_keras_serializable(package="merge")
+class Ensemble(keras.Model):
     """A functional model, built as ``Ensemble(inputs, outputs, name=...)``.
 
     No code of its own: Keras makes it a Functional subclass, saves and
-    revives it as one. It is registered only so its saved config names this
-    module (see the module docstring).
+    revives it as one, by its registered name (see the module docstring).
     """

@@ -1,10 +1,13 @@
 """Load a model from whatever a user may point at, and say what it outputs.
 
-Accepted: a ``.keras`` file; a trainer run or init directory (the model is
-rebuilt from its manifest and its latest checkpoint restored); one checkpoint
-directory ``RUN/checkpoints/ckpt-N/``; a merge output directory (manifest,
-``config.json``, ``model.weights.h5``). Nothing is ever unpickled: ``.keras``
-files and configs load in Keras safe mode, weights come from HDF5 or TF
+Accepted: a ``.keras`` file (Keras 3, or Keras 2: its config translated by
+trainer.files.keras2, its weights read by Keras, whose layout did not
+change); a legacy whole-model ``.h5``; a trainer run or init directory and
+one checkpoint directory ``RUN/checkpoints/ckpt-N/`` (the registry model its
+manifest names, or the run's exported config, with the checkpoint's weights
+copied in by name); a merge output directory (manifest, ``config.json``,
+``model.weights.h5``). Nothing is ever unpickled and no module a file names
+is imported: configs load in Keras safe mode, weights come from HDF5 or TF
 checkpoints.
 """
 from __future__ import annotations
@@ -13,14 +16,18 @@ import json
 import zipfile
 from pathlib import Path
 
-import tensorflow as tf
+import keras
 
-from trainer.checkpoint import MANIFEST, checkpoint_of, read_manifest
+from trainer.checkpoint import MANIFEST, read_manifest
 from trainer.errors import UsageError
+from trainer.files.keras2 import is_keras2
+from trainer.files.naming import model_from_config, registry_model
+from trainer.files.sources import open_source
+from trainer.files.weights import read_into
 
 __all__ = ["load_model", "output_kind", "source_kind", "KINDS"]
 
-KINDS = ("keras", "run", "init", "checkpoint", "merge")
+KINDS = ("keras", "h5", "run", "init", "checkpoint", "merge")
 
 MERGE_CONFIG = "config.json"
 MERGE_WEIGHTS = "model.weights.h5"
@@ -50,12 +57,24 @@ def source_kind(path) -> str:
     if name.endswith(".keras"):
         return "keras"
     if name.endswith((".h5", ".hdf5")):
+        if _has_model_config(p):
+            return "h5"
         raise UsageError(f"{path}: an HDF5 weights file carries no architecture; "
                          "give the .keras file or run directory it came from")
     if name.endswith(".index") or ".data-" in name:
         raise UsageError(f"{path}: a TF checkpoint file carries no architecture; "
                          "give its checkpoint directory or its run directory instead")
     raise UsageError(f"{path}: not a model this tool reads; {_HINT}")
+
+
+def _has_model_config(p: Path) -> bool:
+    """A legacy whole-model .h5 (model.save("x.h5")), as opposed to weights only."""
+    import h5py
+    try:
+        with h5py.File(p, "r") as f:
+            return "model_config" in f.attrs
+    except OSError:
+        raise UsageError(f"{p}: not a readable HDF5 file; it is truncated or corrupt") from None
 
 
 def _dir_kind(p: Path, path) -> str:
@@ -79,56 +98,97 @@ def _dir_kind(p: Path, path) -> str:
     raise UsageError(f"{path}: a directory without {MANIFEST}; {_HINT}")
 
 
-def load_model(path) -> tf.keras.Model:
+def load_model(path) -> keras.Model:
     """The model ``path`` holds, uncompiled. UsageError, one line, for anything unusable."""
+    import merge.layers  # noqa: F401  (registers Combine and Ensemble, for saved ensembles)
+    import trainer.models  # noqa: F401  (registers LocalResponseNormalization)
     kind = source_kind(path)
     p = Path(path)
     if kind == "keras":
         model = _load_keras(p, path)
+    elif kind == "h5":
+        model = _load_by_name(_config_of_h5(p, path), p, path)
     elif kind == "merge":
         model = _load_merge_dir(p, path)
-    elif kind == "checkpoint":
+    else:
         # RUN/checkpoints/ckpt-N: the manifest describing the model is two levels up.
-        run_dir = p.parent.parent
+        run_dir = p.parent.parent if kind == "checkpoint" else p
         if not (run_dir / MANIFEST).exists():
             raise UsageError(f"{path}: checkpoint directory outside a run directory "
                              f"(no {run_dir / MANIFEST}); it carries no architecture")
-        model = _load_checkpoint(read_manifest(run_dir), str(p / "state"), path)
-    else:
-        prefix, _ = checkpoint_of(p)
-        model = _load_checkpoint(read_manifest(p), prefix, path)
-    if not isinstance(model, tf.keras.Model):
+        model = _load_by_name(_run_architecture(run_dir, path), p, path)
+    if not isinstance(model, keras.Model):
         raise UsageError(f"{path}: holds a {type(model).__name__}, not a Keras model")
     return model
 
 
-def _load_keras(p: Path, path) -> tf.keras.Model:
-    import trainer.models  # noqa: F401  (registers LocalResponseNormalization)
-    if not p.is_file() or not zipfile.is_zipfile(p):
-        raise UsageError(f"{path}: not a .keras archive (corrupt, or not written by "
-                         "model.save); save the model again as .keras")
+def _load_keras(p: Path, path) -> keras.Model:
     try:
-        return tf.keras.models.load_model(p, compile=False, safe_mode=True)
+        with zipfile.ZipFile(p) as zf:
+            config = json.loads(zf.read("config.json"))
+    except (zipfile.BadZipFile, KeyError, ValueError, UnicodeDecodeError, OSError) as e:
+        raise UsageError(f"{path}: not a .keras archive ({_one_line(e)}); save the model again "
+                         "with model.save('x.keras')") from None
+    try:
+        if is_keras2(config):
+            # Keras 3 cannot rebuild a Keras 2 functional config as it is; the
+            # translated one describes the same layers in the same order, so
+            # Keras reads the archive's weights into it positionally as usual.
+            model = model_from_config(config, str(path))
+            model.load_weights(str(p))
+            return model
+        return keras.models.load_model(p, compile=False, safe_mode=True)
+    except UsageError:
+        raise
     except Exception as e:  # a bad archive fails in many ways (zip, json, h5, config)
         raise UsageError(f"{path}: cannot load this .keras file ({_one_line(e)})") from None
 
 
-def _load_merge_dir(p: Path, path) -> tf.keras.Model:
-    import trainer.models  # noqa: F401  (registers LocalResponseNormalization)
+def _config_of_h5(p: Path, path) -> dict:
+    src = open_source(p)
+    try:
+        if src.config is None:
+            raise UsageError(f"{path}: its model_config cannot be read; give the model as a .keras file")
+        return src.config
+    finally:
+        src.close()
+
+
+def _run_architecture(run_dir: Path, path) -> dict | keras.Model:
+    """A trainer run's model: its registry model, or (a user model) the config
+    of the model.keras it exported; never a user module imported."""
+    from trainer.models import MODELS
+    cfg = read_manifest(run_dir).get("model")
+    exported = run_dir / "model.keras"
+    if isinstance(cfg, dict) and cfg.get("name") not in MODELS and exported.is_file():
+        try:
+            with zipfile.ZipFile(exported) as zf:
+                return json.loads(zf.read("config.json"))
+        except (zipfile.BadZipFile, KeyError, ValueError, UnicodeDecodeError, OSError) as e:
+            raise UsageError(f"{exported}: not a readable .keras archive ({_one_line(e)})") from None
+    return registry_model(cfg, str(path))
+
+
+def _load_by_name(architecture, weights: Path, path) -> keras.Model:
+    """A model built from a config (or already built), its weights copied in
+    by name from any format trainer.files reads."""
+    model = architecture if isinstance(architecture, keras.Model) else model_from_config(architecture, str(path))
+    src = open_source(weights)
+    try:
+        read_into(model, src, str(path))
+    finally:
+        src.close()
+    return model
+
+
+def _load_merge_dir(p: Path, path) -> keras.Model:
     try:
         config = json.loads((p / MERGE_CONFIG).read_text())
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise UsageError(f"{p / MERGE_CONFIG}: unreadable model config ({_one_line(e)})") from None
     if not isinstance(config, dict):
         raise UsageError(f"{p / MERGE_CONFIG}: not a Keras model config")
-    # As load_model(compile=False) does: an optimizer is not needed to predict or merge.
-    config = {**config, "compile_config": None}
-    try:
-        model = tf.keras.saving.deserialize_keras_object(config, safe_mode=True)
-    except Exception as e:
-        raise UsageError(f"{p / MERGE_CONFIG}: cannot rebuild the model ({_one_line(e)})") from None
-    if not isinstance(model, tf.keras.Model):
-        raise UsageError(f"{p / MERGE_CONFIG}: describes a {type(model).__name__}, not a Keras model")
+    model = model_from_config(config, str(p / MERGE_CONFIG))
     try:
         model.load_weights(str(p / MERGE_WEIGHTS))
     except Exception as e:
@@ -137,36 +197,13 @@ def _load_merge_dir(p: Path, path) -> tf.keras.Model:
     return model
 
 
-def _load_checkpoint(manifest: dict, prefix: str, path) -> tf.keras.Model:
-    from trainer.models import build_model
-    cfg = manifest.get("model")
-    try:
-        name, shape, classes = cfg["name"], tuple(cfg["input_shape"]), int(cfg["num_classes"])
-        options = dict(cfg.get("options") or {})
-    except (TypeError, KeyError, ValueError):
-        raise UsageError(f"{path}: its manifest records no usable model "
-                         "(name, input_shape, num_classes); give the run's .keras file") from None
-    try:
-        model = build_model(name, shape, classes, **options)
-    except UsageError as e:
-        raise UsageError(f"{path}: cannot rebuild its model: {e}") from None
-    try:
-        # expect_partial: a run's checkpoint also holds optimizer state and
-        # masks, which a merged or evaluated model does not need.
-        tf.train.Checkpoint(model=model).read(prefix).expect_partial().assert_existing_objects_matched()
-    except Exception as e:  # TF reports missing files and shape mismatches as several types
-        raise UsageError(f"{path}: checkpoint does not restore into model {name!r} "
-                         f"({_one_line(e)})") from None
-    return model
-
-
 def _output_layer(model):
     """The layer that produces the model's (first) output, inside nested models too."""
     layer = model
-    while isinstance(layer, tf.keras.Model):
+    while isinstance(layer, keras.Model):
         outputs = getattr(layer, "outputs", None)
         history = getattr(outputs[0], "_keras_history", None) if outputs else None
-        nxt = history.layer if history is not None else (layer.layers[-1] if layer.layers else None)
+        nxt = history.operation if history is not None else (layer.layers[-1] if layer.layers else None)
         if nxt is None or nxt is layer:
             return layer
         layer = nxt
@@ -177,7 +214,7 @@ def output_kind(model) -> str:
     """``"probs"`` if the model ends in a softmax (or is an ensemble), else ``"logits"``."""
     from .layers import Combine
     layer = _output_layer(model)
-    if isinstance(layer, (tf.keras.layers.Softmax, Combine)):
+    if isinstance(layer, (keras.layers.Softmax, Combine)):
         return "probs"
     activation = getattr(layer, "activation", None)
     if activation is not None and getattr(activation, "__name__", str(activation)) == "softmax":

@@ -25,7 +25,15 @@ from trainer.errors import UsageError
 
 from trainer.files.naming import KerasNames
 
-KERAS_VERSION = "2.15.0"
+
+def _keras_version() -> str:
+    # From the package metadata: importing Keras would import TensorFlow,
+    # which a merge of .keras files does without.
+    from importlib import metadata
+    try:
+        return metadata.version("keras")
+    except metadata.PackageNotFoundError:
+        return "3"
 
 
 def check_output(out, inputs, overwrite: bool) -> Path:
@@ -119,7 +127,7 @@ class WeightsWriter:
         Keras ignores extra metadata keys; ours carry the lineage, so that a
         .keras merge is as good an --init as a directory."""
         zipped = self.tmp / "out.keras"
-        metadata = {"keras_version": KERAS_VERSION,
+        metadata = {"keras_version": _keras_version(),
                     "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S"),
                     "dptoolkit": {k: manifest.get(k) for k in ("kind", "lineage", "samples_seen", "model")}}
         with zipfile.ZipFile(zipped, "w", allowZip64=True) as zf:

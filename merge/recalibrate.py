@@ -9,8 +9,8 @@ every layer exactly (layers in order, each seeing the already-repaired
 layers before it)."""
 from __future__ import annotations
 
+import keras
 import numpy as np
-import tensorflow as tf
 
 from trainer.data import load_dataset
 
@@ -20,9 +20,9 @@ SAMPLE = 4096  # enough samples for stable per-channel statistics, one pass in m
 def batchnorm_layers(model) -> list:
     out = []
     for layer in model.layers:
-        if isinstance(layer, tf.keras.layers.BatchNormalization):
+        if isinstance(layer, keras.layers.BatchNormalization):
             out.append(layer)
-        elif isinstance(layer, tf.keras.Model):
+        elif isinstance(layer, keras.Model):
             out += batchnorm_layers(layer)
     return out
 

@@ -97,8 +97,9 @@ def server_step(prev: str, average: str, out: str, rule: str, state: str, lr: fl
             manifest = {**_manifest_of(b), "kind": "merge", "method": f"server:{rule}",
                         "server": {"rule": rule, "lr": lr, "beta1": beta1, "beta2": beta2, "tau": tau,
                                    "previous": a.path, "average": b.path},
-                        "versions": package_versions()}
+                        "versions": package_versions(), "paired_by_place": inputs.renamed or None}
             writer.commit(manifest, overwrite)
+            manifest["pairing"] = inputs.pairing_note()
         except BaseException:
             writer.abort()
             tmp_state.unlink(missing_ok=True)

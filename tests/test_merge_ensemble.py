@@ -7,18 +7,22 @@ import json
 import sys
 import zipfile
 
+import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from conftest import ok, run
 from merge.ensemble import build_ensemble, write_ensemble
 from merge.evaluate import evaluate, format_table, plot
 from merge.models import load_model, output_kind
-from trainer.checkpoint import RunDir
+from trainer.checkpoint import RunDir, state_checkpoint
 from trainer.data import load_dataset
 from trainer.errors import UsageError
 from trainer.models import build_model
+
+
+def _np(x):
+    return keras.ops.convert_to_numpy(x)
 
 
 def _softmax(z):
@@ -28,18 +32,18 @@ def _softmax(z):
 
 
 def _train(model, data, epochs, from_logits=True):
-    model.compile(optimizer=tf.keras.optimizers.Adam(3e-3),
-                  loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits))
+    model.compile(optimizer=keras.optimizers.Adam(3e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits))
     model.fit(data.x_train, data.y_train, epochs=epochs, batch_size=64, verbose=0, shuffle=True)
     return model
 
 
 def _softmax_model(input_shape, num_classes):
     """A model that outputs probabilities, unlike the trainer's (logits)."""
-    inputs = tf.keras.Input(shape=input_shape, name="input")
-    x = tf.keras.layers.Flatten(name="flatten")(inputs)
-    outputs = tf.keras.layers.Dense(num_classes, activation="softmax", name="probs")(x)
-    return tf.keras.Model(inputs, outputs, name="softmax_linear")
+    inputs = keras.Input(shape=input_shape, name="input")
+    x = keras.layers.Flatten(name="flatten")(inputs)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probs")(x)
+    return keras.Model(inputs, outputs, name="softmax_linear")
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +63,11 @@ def saved(tmp_path_factory, digits):
     }
     paths = {}
     for name, (make, seed, logits) in specs.items():
-        tf.keras.utils.set_random_seed(seed)
+        keras.utils.set_random_seed(seed)
         model = _train(make(), digits, epochs=2 if name == "cnn" else 1, from_logits=logits)
         paths[name] = str(d / f"{name}.keras")
         model.save(paths[name])
-    tf.keras.utils.set_random_seed(4)
+    keras.utils.set_random_seed(4)
     three = build_model("mlp", (8, 8, 1), 3)
     paths["three"] = str(d / "three.keras")
     three.save(paths["three"])
@@ -76,7 +80,7 @@ def _member_outputs(paths, x):
     out = []
     for p in paths:
         model = load_model(p)
-        out.append((model(x, training=False).numpy().astype(np.float64), output_kind(model) == "logits"))
+        out.append((_np(model(x, training=False)).astype(np.float64), output_kind(model) == "logits"))
     return out
 
 
@@ -119,7 +123,7 @@ def test_mean_is_mean_of_member_softmax(saved, digits):
     x = digits.x_test
     ensemble = build_ensemble([load_model(p) for p in paths], "mean", names=paths)
     assert [layer.name for layer in ensemble.layers] == ["input", "member_0", "member_1", "combine"]
-    got = ensemble(x, training=False).numpy()
+    got = _np(ensemble(x, training=False))
     want = np.mean(_member_probs(paths, x), axis=0)
     np.testing.assert_allclose(got, want, atol=1e-6)
 
@@ -131,7 +135,7 @@ def test_methods_match_numpy(saved, digits, method):
     weights = [1.0, 2.0, 1.0]
     x = digits.x_test
     ensemble = build_ensemble([load_model(p) for p in paths], method, weights, names=paths)
-    got = ensemble(x, training=False).numpy()
+    got = _np(ensemble(x, training=False))
     want = _numpy_combine(method, _member_outputs(paths, x), weights)
     np.testing.assert_allclose(got, want, atol=1e-6)
     np.testing.assert_allclose(got.sum(axis=-1), 1.0, atol=1e-6)
@@ -140,7 +144,7 @@ def test_methods_match_numpy(saved, digits, method):
         np.testing.assert_allclose(got * 4, np.round(got * 4), atol=1e-4)
 
 
-def test_saved_ensemble_loads_without_importing_merge(saved, digits, tmp_path):
+def test_saved_ensemble_loads_with_plain_keras_once_merge_layers_is_imported(saved, digits, tmp_path):
     paths = [saved["mlp"], saved["cnn"], saved["soft"]]
     out = tmp_path / "ens.keras"
     summary = write_ensemble(paths, str(out), "logit-mean", [2, 1, 1], overwrite=False)
@@ -152,21 +156,28 @@ def test_saved_ensemble_loads_without_importing_merge(saved, digits, tmp_path):
 
     x = digits.x_test[:64]
     np.save(tmp_path / "x.npy", x)
+    # Keras 3 imports no module a file names: merge.layers registers the
+    # ensemble's classes, and nothing else of merge is needed.
     code = (
-        "import sys, numpy as np, tensorflow as tf\n"
-        "assert 'merge' not in sys.modules\n"
-        f"m = tf.keras.models.load_model({str(out)!r})\n"
-        f"np.save({str(tmp_path / 'y.npy')!r}, m(np.load({str(tmp_path / 'x.npy')!r}), training=False).numpy())\n"
+        "import sys, numpy as np, keras\n"
+        "import merge.layers\n"
+        "assert 'merge.ensemble' not in sys.modules and 'merge.models' not in sys.modules\n"
+        f"m = keras.models.load_model({str(out)!r})\n"
+        f"np.save({str(tmp_path / 'y.npy')!r}, keras.ops.convert_to_numpy(m(np.load({str(tmp_path / 'x.npy')!r}), training=False)))\n"
         "print(type(m.get_layer('combine')).__module__)\n"
     )
     proc = ok(run([sys.executable, "-c", code], cwd=tmp_path, timeout=120))
     assert proc.stdout.strip().splitlines()[-1] == "merge.layers"
-    want = build_ensemble([load_model(p) for p in paths], "logit-mean", [2, 1, 1])(x, training=False).numpy()
+    want = _np(build_ensemble([load_model(p) for p in paths], "logit-mean", [2, 1, 1])(x, training=False))
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), want, atol=1e-6)
+    # Without it Keras cannot find the classes (and imports nothing to find them).
+    bare = run([sys.executable, "-c", f"import keras; keras.models.load_model({str(out)!r})"], cwd=tmp_path,
+               timeout=120)
+    assert bare.returncode != 0 and "Ensemble" in bare.stderr
     # And through merge.models.load_model, as `merge evaluate` reads it.
     reloaded = load_model(str(out))
     assert output_kind(reloaded) == "probs"
-    np.testing.assert_allclose(reloaded(x, training=False).numpy(), want, atol=1e-6)
+    np.testing.assert_allclose(_np(reloaded(x, training=False)), want, atol=1e-6)
 
 
 def test_different_class_counts_refused(saved, tmp_path):
@@ -228,16 +239,16 @@ def test_unloadable_inputs_refused(saved, tmp_path):
 def test_run_checkpoint_and_merge_dirs_load(saved, digits, tmp_path):
     """A trainer run directory, one of its checkpoints and a merge output
     directory all give back the model they hold."""
-    tf.keras.utils.set_random_seed(5)
+    keras.utils.set_random_seed(5)
     model = build_model("mlp", (8, 8, 1), 10)
     run_dir = RunDir(tmp_path / "run")
     run_dir.write_manifest({"kind": "run", "model": {"name": "mlp", "input_shape": [8, 8, 1],
                                                      "num_classes": 10, "options": {}}})
-    name = run_dir.save(tf.train.Checkpoint(model=model), {"step": 7}, {})
+    name = run_dir.save(state_checkpoint(model), {"step": 7}, {})
     x = digits.x_test[:32]
-    want = model(x, training=False).numpy()
+    want = _np(model(x, training=False))
     for path in (tmp_path / "run", tmp_path / "run" / "checkpoints" / name):
-        np.testing.assert_allclose(load_model(str(path))(x, training=False).numpy(), want, atol=1e-6)
+        np.testing.assert_allclose(_np(load_model(str(path))(x, training=False)), want, atol=1e-6)
 
     merged = tmp_path / "merged"
     merged.mkdir()
@@ -246,8 +257,8 @@ def test_run_checkpoint_and_merge_dirs_load(saved, digits, tmp_path):
     cnn = load_model(saved["cnn"])
     cnn.save_weights(merged / "model.weights.h5")
     (merged / "manifest.json").write_text(json.dumps({"format": "dptoolkit-run/1", "kind": "merge"}))
-    np.testing.assert_allclose(load_model(str(merged))(x, training=False).numpy(),
-                               cnn(x, training=False).numpy(), atol=1e-6)
+    np.testing.assert_allclose(_np(load_model(str(merged))(x, training=False)),
+                               _np(cnn(x, training=False)), atol=1e-6)
 
 
 def test_evaluate_matches_manual(saved, digits, tmp_path):
@@ -259,7 +270,7 @@ def test_evaluate_matches_manual(saved, digits, tmp_path):
     assert [r["kind"] for r in rows] == ["keras"] * 3
     y = digits.y_test
     for row, probs in zip(rows, _member_probs(paths, digits.x_test)):
-        scores = load_model(row["path"])(digits.x_test, training=False).numpy()
+        scores = _np(load_model(row["path"])(digits.x_test, training=False))
         assert row["accuracy"] == pytest.approx(np.mean(scores.argmax(axis=-1) == y), abs=1e-12)
         loss = -np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-7, 1.0)))
         assert row["loss"] == pytest.approx(loss, abs=1e-4)

@@ -88,14 +88,14 @@ def assert_refused(proc, cwd: Path, before: dict, *needles, out=None, out_existe
 
 # -- models -------------------------------------------------------------------
 
-def _model(tf, hidden=16, classes=10, extra=False):
-    inputs = tf.keras.Input((8, 8, 1), name="input")
-    x = tf.keras.layers.Flatten(name="flatten")(inputs)
-    x = tf.keras.layers.Dense(hidden, activation="relu", name="d1")(x)
+def _model(keras, hidden=16, classes=10, extra=False):
+    inputs = keras.Input((8, 8, 1), name="input")
+    x = keras.layers.Flatten(name="flatten")(inputs)
+    x = keras.layers.Dense(hidden, activation="relu", name="d1")(x)
     if extra:
-        x = tf.keras.layers.Dense(hidden, activation="relu", name="d2")(x)
-    outputs = tf.keras.layers.Dense(classes, name="logits")(x)
-    return tf.keras.Model(inputs, outputs, name="small")
+        x = keras.layers.Dense(hidden, activation="relu", name="d2")(x)
+    outputs = keras.layers.Dense(classes, name="logits")(x)
+    return keras.Model(inputs, outputs, name="small")
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +104,11 @@ def models(tmp_path_factory):
     is alpha plus noise); alpha.weights.h5 is alpha's weights; deep (extra d2),
     wide (d1 of 32 units) and five (5 classes) are other architectures; nan and
     inf are beta with one non-finite value in tensor logits/0."""
-    import tensorflow as tf
+    import keras
     d = tmp_path_factory.mktemp("models")
     rng = np.random.default_rng(0)
-    tf.keras.utils.set_random_seed(0)
-    alpha = _model(tf)
+    keras.utils.set_random_seed(0)
+    alpha = _model(keras)
     alpha.save(d / "alpha.keras")
     alpha.save_weights(str(d / "alpha.weights.h5"))
     base = alpha.get_weights()
@@ -119,10 +119,10 @@ def models(tmp_path_factory):
         ws[2][3, 4] = bad  # logits kernel
         alpha.set_weights(ws)
         alpha.save(d / f"{name}.keras")
-    tf.keras.utils.set_random_seed(1)
-    _model(tf, extra=True).save(d / "deep.keras")
-    _model(tf, hidden=32).save(d / "wide.keras")
-    _model(tf, classes=5).save(d / "five.keras")
+    keras.utils.set_random_seed(1)
+    _model(keras, extra=True).save(d / "deep.keras")
+    _model(keras, hidden=32).save(d / "wide.keras")
+    _model(keras, classes=5).save(d / "five.keras")
     return {p.name: p for p in d.iterdir()}
 
 

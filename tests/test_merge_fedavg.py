@@ -16,27 +16,32 @@ def merge(*args, cwd, timeout=300):
 
 
 def checkpoint_weights(run_dir) -> dict:
-    """A trainer run's weights by variable name, restored by Keras itself."""
-    import tensorflow as tf
-    from trainer.checkpoint import checkpoint_of
+    """A trainer run's weights by key, restored the way the trainer resumes
+    (its own tf.train.Checkpoint), not through merge's reader."""
+    import keras
+
+    from trainer.checkpoint import checkpoint_of, state_checkpoint
     from trainer.models import build_model
+    from trainer.varnames import keyed
     cfg = manifest(run_dir)["model"]
     model = build_model(cfg["name"], tuple(cfg["input_shape"]), cfg["num_classes"], **cfg["options"])
     prefix, _ = checkpoint_of(run_dir)
-    tf.train.Checkpoint(model=model).read(prefix).expect_partial()
-    return {w.name: w.numpy() for w in model.weights}
+    state_checkpoint(model).read(prefix).expect_partial().assert_existing_objects_matched()
+    return {k: keras.ops.convert_to_numpy(v) for k, v in keyed(model.weights).items()}
 
 
 def merged_weights(out) -> dict:
-    """A merge output's weights by variable name, loaded by plain Keras."""
-    import tensorflow as tf
+    """A merge output's weights by key, loaded by plain Keras."""
+    import keras
+
+    from trainer.varnames import keyed
     out = Path(out)
     if out.suffix == ".keras":
-        model = tf.keras.models.load_model(out, compile=False)
+        model = keras.models.load_model(out, compile=False)
     else:
-        model = tf.keras.saving.deserialize_keras_object(json.loads((out / "config.json").read_text()))
+        model = keras.saving.deserialize_keras_object(json.loads((out / "config.json").read_text()))
         model.load_weights(str(out / "model.weights.h5"))
-    return {w.name: w.numpy() for w in model.weights}
+    return {k: keras.ops.convert_to_numpy(v) for k, v in keyed(model.weights).items()}
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +96,7 @@ def test_intersection_keeps_every_pruned_weight_zero(clients):
         assert not np.signbit(m[name][pruned_somewhere]).any(), f"{name}: -0.0 where pruned"
         both = ~pruned_somewhere
         np.testing.assert_allclose(m[name][both], (a[name][both] * 0.5 + b[name][both] * 0.5), rtol=0.02, atol=1e-3)
-        key = name.split(":")[0].replace("/kernel", "/0")
+        key = name.replace("/kernel", "/0")
         np.testing.assert_array_equal(masks[key].astype(bool), both)
         total += both.size
         zeros += pruned_somewhere.sum()
@@ -102,7 +107,7 @@ def test_renormalize_averages_over_the_inputs_that_keep_a_weight(clients):
     d = clients
     ok(merge("fedavg", "a", "b", "-o", "m_renorm.keras", "--mask-policy", "renormalize", "--uniform", cwd=d))
     a, b, m = checkpoint_weights(d / "a"), checkpoint_weights(d / "b"), merged_weights(d / "m_renorm.keras")
-    name = "dense1/kernel:0"
+    name = "dense1/kernel"
     only_a = (a[name] != 0) & (b[name] == 0)
     both = (a[name] != 0) & (b[name] != 0)
     assert only_a.any() and both.any()
@@ -115,7 +120,7 @@ def test_target_sparsity_reprunes_and_never_revives(clients):
     d = clients
     ok(merge("fedavg", "a", "b", "-o", "m_sparse", "--target-sparsity", "0.8", cwd=d))
     a, b, m = checkpoint_weights(d / "a"), checkpoint_weights(d / "b"), merged_weights(d / "m_sparse")
-    for name in ("dense1/kernel:0", "dense2/kernel:0"):
+    for name in ("dense1/kernel", "dense2/kernel"):
         assert abs((m[name] == 0).mean() - 0.8) < 0.005, name
         assert np.all(m[name][(a[name] == 0) | (b[name] == 0)] == 0)
     assert manifest(d / "m_sparse")["sparsity"]["overall"] == pytest.approx(0.8, abs=0.005)
@@ -125,7 +130,7 @@ def test_explicit_weights_override_the_sample_counts(clients):
     d = clients
     ok(merge("fedavg", "a", "b", "-o", "m_31", "--weights", "3,1", "--mask-policy", "union", cwd=d))
     a, b, m = checkpoint_weights(d / "a"), checkpoint_weights(d / "b"), merged_weights(d / "m_31")
-    np.testing.assert_allclose(m["logits/bias:0"], 0.75 * a["logits/bias:0"] + 0.25 * b["logits/bias:0"], rtol=1e-6)
+    np.testing.assert_allclose(m["logits/bias"], 0.75 * a["logits/bias"] + 0.25 * b["logits/bias"], rtol=1e-6)
     assert [i["weight"] for i in manifest(d / "m_31")["inputs"]] == [0.75, 0.25]
 
 
@@ -169,36 +174,39 @@ def test_inspect_and_diff(clients):
 # -- plain Keras files ---------------------------------------------------------
 
 def _keras_model(seed):
-    import tensorflow as tf
-    tf.keras.utils.set_random_seed(seed)
-    x = tf.keras.Input((8, 8, 1))
-    h = tf.keras.layers.Conv2D(4, 3, name="conv")(x)
-    h = tf.keras.layers.BatchNormalization(name="bn")(h)
-    h = tf.keras.layers.Flatten()(h)
-    h = tf.keras.layers.Dense(16, activation="relu", name="hidden")(h)
-    return tf.keras.Model(x, tf.keras.layers.Dense(10, name="logits")(h))
+    import keras
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(4, 3, name="conv")(x)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    h = keras.layers.Flatten()(h)
+    h = keras.layers.Dense(16, activation="relu", name="hidden")(h)
+    return keras.Model(x, keras.layers.Dense(10, name="logits")(h))
 
 
 def test_mixed_plain_keras_formats_are_matched_by_name(tmp_path):
     """A .keras from model.save (compiled and fitted: optimizer state inside),
-    a .weights.h5 and a TF checkpoint prefix of the same model."""
-    import tensorflow as tf
+    a .weights.h5 and a legacy whole-model .h5 of the same model. (Keras 3
+    writes no TF checkpoints; Keras 2's are read in test_merge_compat.py.)"""
+    import keras
+
     from trainer.data import load_dataset
+    from trainer.varnames import keys
     data = load_dataset("digits")
     models = []
     for i in range(3):
         model = _keras_model(0)  # the same initialization
-        model.compile("adam", tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         model.fit(data.x_train[i * 300:(i + 1) * 300], data.y_train[i * 300:(i + 1) * 300], epochs=1, verbose=0)
         models.append(model)
     models[0].save(tmp_path / "m0.keras")
     models[1].save_weights(tmp_path / "m1.weights.h5")
-    models[2].save_weights(str(tmp_path / "ckpt" / "m2"))
-    proc = ok(merge("fedavg", "m0.keras", "m1.weights.h5", "ckpt/m2", "-o", "avg.keras", cwd=tmp_path))
+    models[2].save(tmp_path / "m2.h5")
+    proc = ok(merge("fedavg", "m0.keras", "m1.weights.h5", "m2.h5", "-o", "avg.keras", cwd=tmp_path))
     assert "no recorded initialization" in proc.stderr and "weighting them equally" in proc.stderr
     got = merged_weights(tmp_path / "avg.keras")
-    want = {w.name: np.mean([m.get_weights()[i] for m in models], axis=0, dtype=np.float64)
-            for i, w in enumerate(models[0].weights)}
+    want = {k: np.mean([m.get_weights()[i] for m in models], axis=0, dtype=np.float64)
+            for i, k in enumerate(keys(models[0].weights))}
     assert set(got) == set(want) and any("moving_mean" in n for n in got)
     for name in want:  # batch-norm statistics are averaged like every other tensor
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
@@ -207,11 +215,12 @@ def test_mixed_plain_keras_formats_are_matched_by_name(tmp_path):
 def test_data_check_refuses_an_average_of_unaligned_networks(tmp_path):
     """B computes exactly A's function with its hidden units permuted; averaging
     A and B mixes unrelated units, which --data must catch."""
-    import tensorflow as tf
+    import keras
+
     from trainer.data import load_dataset
     data = load_dataset("digits")
     a = _keras_model(1)
-    a.compile("adam", tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    a.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     a.fit(data.x_train, data.y_train, epochs=4, verbose=0)
     a.save(tmp_path / "a.keras")
     b = _keras_model(1)

@@ -3,28 +3,29 @@ that naming against Keras's own save for every registry model and the
 layer kinds that nest (normalization, LSTM cells, models inside models)."""
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from trainer.files.naming import VariableLayout
 from trainer.files.sources import open_source
 from trainer.models import build_model, model_names
+from trainer.varnames import keyed
 
 
 def _sequential_bn():
-    return tf.keras.Sequential([tf.keras.Input((8, 8, 1)), tf.keras.layers.Conv2D(3, 3, name="c1"),
-                                tf.keras.layers.BatchNormalization(name="bn1"), tf.keras.layers.Flatten(),
-                                tf.keras.layers.Dense(5, name="d1"), tf.keras.layers.Dense(4, name="d2")],
+    return keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(3, 3, name="c1"),
+                                keras.layers.BatchNormalization(name="bn1"), keras.layers.Flatten(),
+                                keras.layers.Dense(5, name="d1"), keras.layers.Dense(4, name="d2")],
                                name="seq")
 
 
 def _nested():
-    inner = tf.keras.Sequential([tf.keras.Input((6,)), tf.keras.layers.Dense(3, name="inner_a"),
-                                 tf.keras.layers.Dense(3, name="inner_b")], name="inner")
-    x = tf.keras.Input((6,))
-    h = tf.keras.layers.Dense(6, name="pre")(x)
-    return tf.keras.Model(x, tf.keras.layers.Dense(2, name="post")(inner(h)), name="outer")
+    inner = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, name="inner_a"),
+                                 keras.layers.Dense(3, name="inner_b")], name="inner")
+    x = keras.Input((6,))
+    h = keras.layers.Dense(6, name="pre")(x)
+    return keras.Model(x, keras.layers.Dense(2, name="post")(inner(h)), name="outer")
 
 
 SHAPES = {"cifar10_cnn": (32, 32, 3), "lstm": (8, 8), "cnn_lstm": (4, 8, 8, 1)}
@@ -35,13 +36,19 @@ CASES.update(sequential_bn=_sequential_bn, nested=_nested)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_keras_file_names_agree_with_the_model(case, tmp_path):
     model = CASES[case]()
-    for v in model.weights:  # distinct values, so a mix-up cannot go unnoticed
-        v.assign(np.random.default_rng(abs(hash(v.name)) % 2**32).normal(size=v.shape).astype(v.dtype.as_numpy_dtype))
+    for i, v in enumerate(model.weights):  # distinct values, so a mix-up cannot go unnoticed
+        v.assign(np.random.default_rng(i).normal(size=v.shape).astype(np.dtype(v.dtype)))
     model.save(tmp_path / "m.keras")
+    # Keras 3 prefixes a variable's path with the Sequential it was built in
+    # when built directly ("seq/bn1/beta"), not when rebuilt from a file
+    # ("bn1/beta"): the names to agree with are those of Keras's own load.
+    loaded = keras.models.load_model(tmp_path / "m.keras", compile=False)
+    for ours, theirs in zip(model.weights, loaded.weights):  # Keras's own load put every value back
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(theirs), keras.ops.convert_to_numpy(ours))
     source = open_source(tmp_path / "m.keras")
     try:
         layout = VariableLayout(source.config)
-        by_name = {v.name.split(":")[0]: v.numpy() for v in model.weights}
+        by_name = {k: keras.ops.convert_to_numpy(v) for k, v in keyed(loaded.weights).items()}
         assert sorted(layout.var_of.values()) == sorted(by_name)
         assert sorted(source.keys()) == sorted(layout.var_of)
         for key in source.keys():

@@ -15,18 +15,19 @@ def merge(*args, cwd):
 
 
 def _model():
-    import tensorflow as tf
-    tf.keras.utils.set_random_seed(0)
-    x = tf.keras.Input((8, 8, 1))
-    h = tf.keras.layers.Dense(32, activation="relu", name="hidden")(tf.keras.layers.Flatten()(x))
-    return tf.keras.Model(x, tf.keras.layers.Dense(10, name="logits")(h))
+    import keras
+    keras.utils.set_random_seed(0)
+    x = keras.Input((8, 8, 1))
+    h = keras.layers.Dense(32, activation="relu", name="hidden")(keras.layers.Flatten()(x))
+    return keras.Model(x, keras.layers.Dense(10, name="logits")(h))
 
 
 @pytest.fixture(scope="module")
 def clients(tmp_path_factory):
     """Five clients trained from one init on iid shares; client 4 then sends
     its weights scaled by -10."""
-    import tensorflow as tf
+    import keras
+
     from trainer.data import load_dataset
     d = tmp_path_factory.mktemp("robust")
     data = load_dataset("digits")
@@ -35,8 +36,8 @@ def clients(tmp_path_factory):
     for k in range(5):
         model = _model()
         model.set_weights(init)
-        model.compile(tf.keras.optimizers.Adam(3e-3),
-                      tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.compile(keras.optimizers.Adam(3e-3),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         model.fit(data.x_train[k::5], data.y_train[k::5], epochs=10, batch_size=32, verbose=0)
         weights.append(model.get_weights())
         if k == 4:
@@ -47,10 +48,11 @@ def clients(tmp_path_factory):
 
 
 def _accuracy(path) -> float:
-    import tensorflow as tf
+    import keras
+
     from trainer.data import load_dataset
     data = load_dataset("digits")
-    model = tf.keras.models.load_model(path, compile=False)
+    model = keras.models.load_model(path, compile=False)
     return float((model.predict(data.x_test, verbose=0).argmax(1) == data.y_test).mean())
 
 
@@ -69,16 +71,16 @@ def test_robust_aggregators_survive_a_poisoned_client(clients):
 
 
 def test_aggregators_equal_numpy(clients):
-    import tensorflow as tf
+    import keras
     d, weights = clients
     inputs = [f"c{k}.keras" for k in range(5)]
     stacked = [np.stack([w[i] if k < 4 else -10 * w[i] for k, w in enumerate(weights)]) for i in range(4)]
     ok(merge("fedavg", *inputs, "-o", "m.keras", "--aggregator", "median", cwd=d))
     ok(merge("fedavg", *inputs, "-o", "t.keras", "--aggregator", "trimmed-mean:0.2", cwd=d))
     proc = ok(merge("fedavg", *inputs, "-o", "k.keras", "--aggregator", "krum:1", cwd=d))
-    got_m = tf.keras.models.load_model(d / "m.keras", compile=False).get_weights()
-    got_t = tf.keras.models.load_model(d / "t.keras", compile=False).get_weights()
-    got_k = tf.keras.models.load_model(d / "k.keras", compile=False).get_weights()
+    got_m = keras.models.load_model(d / "m.keras", compile=False).get_weights()
+    got_t = keras.models.load_model(d / "t.keras", compile=False).get_weights()
+    got_k = keras.models.load_model(d / "k.keras", compile=False).get_weights()
     flat = np.concatenate([s.reshape(5, -1) for s in stacked], axis=1).astype(np.float64)
     dist = ((flat[:, None] - flat[None]) ** 2).sum(-1)
     scores = [np.sort(np.delete(dist[i], i))[:2].sum() for i in range(5)]  # n - f - 2 = 2 neighbours

@@ -16,17 +16,17 @@ def merge(*args, cwd):
 
 
 def _save(path, weights):
-    import tensorflow as tf
-    tf.keras.utils.set_random_seed(0)
-    x = tf.keras.Input((4,))
-    model = tf.keras.Model(x, tf.keras.layers.Dense(3, name="d")(x))
+    import keras
+    keras.utils.set_random_seed(0)
+    x = keras.Input((4,))
+    model = keras.Model(x, keras.layers.Dense(3, name="d")(x))
     model.set_weights(weights)
     model.save(path)
 
 
 def _load(path):
-    import tensorflow as tf
-    return tf.keras.models.load_model(path, compile=False).get_weights()
+    import keras
+    return keras.models.load_model(path, compile=False).get_weights()
 
 
 @pytest.mark.parametrize("rule", ["fedavgm", "fedadam", "fedyogi"])

@@ -48,36 +48,16 @@ def load_initial_weights(model, path) -> None:
     .keras, .weights.h5 or legacy .h5 file, a TF checkpoint prefix. Optimizer
     state is never copied: a new run starts it fresh.
     """
-    import numpy as np
-
-    from .files.naming import VariableLayout, serialized_config
     from .files.sources import open_source
-    from .varnames import keyed
+    from .files.weights import read_into
     try:
         src = open_source(path)
     except UsageError as e:
         raise UsageError(f"--init {e}") from None
     try:
-        if src.family == "keras":
-            layout = VariableLayout(model=model)
-            if src.needs_architecture:  # a bare .weights.h5: named by our own model's layers
-                src.bind(serialized_config(model))
-            src.rename(layout.var_of, "variables")
-        targets = keyed(model.weights)
-        values = {}
-        for name, variable in targets.items():
-            if name not in src.keys():
-                raise UsageError(f"--init {path}: tensor {name} missing; its weights do not fit model "
-                                 f"{model.name!r} (it holds {', '.join(src.keys()[:6]) or 'no weights'})")
-            shape, _ = src.info(name)
-            if tuple(shape) != tuple(variable.shape):
-                raise UsageError(f"--init {path}: tensor {name} has shape {tuple(shape)}, model "
-                                 f"{model.name!r} needs {tuple(variable.shape)}")
-            values[name] = np.asarray(src.read(name))
+        read_into(model, src, f"--init {path}")
     finally:
         src.close()
-    for name, variable in targets.items():  # only once everything was read
-        variable.assign(values[name])
 
 
 def write_init(out, model, model_cfg: dict) -> str:

@@ -1,21 +1,24 @@
 """One name per tensor across checkpoint formats.
 
 Two naming schemes exist and a merge uses one of them:
-  * "keras": the Keras v3 format (.keras, .weights.h5) stores a layer's
-    variables by position under a path built from class-name counters
-    ("layers/dense_1/vars/0"), which depends on layer order. We rename those
-    paths with the layer names from the model config: "dense2/0". Layers are
-    thus matched by name; inside a layer, variables keep Keras's own order, as
-    Keras's loader does. This needs no TensorFlow, which keeps a merge of
-    .keras files small and fast.
+  * "keras": the Keras v3 format (.keras, .weights.h5; Keras 2 and 3 write the
+    same layout) stores a layer's variables by position under a path built
+    from class-name counters ("layers/dense_1/vars/0"), which depends on layer
+    order. We rename those paths with the layer names from the model config:
+    "dense2/0"; inside a layer, variables keep Keras's own order, as Keras's
+    loader does. This needs no TensorFlow, which keeps a merge of .keras files
+    small and fast. (Layers whose names differ between inputs are paired by
+    their place in the graph: trainer.files.topology.)
   * "variables": TF checkpoints and legacy .h5 files name every variable
-    ("dense2/kernel"). Translating between the two needs the model built, which
-    `VariableLayout` does in graph mode, so no weight memory is allocated.
+    ("dense2/kernel"). Translating between the two needs the model built
+    (`VariableLayout`).
 """
 from __future__ import annotations
 
 import json
 import re
+
+from trainer.errors import UsageError
 
 _MODEL_CLASSES = {"Functional", "Sequential", "Model"}
 
@@ -108,9 +111,12 @@ class VariableLayout:
 
     def __init__(self, config: dict | None = None, model=None):
         if model is None:
-            model = _build(config)
+            model = model_from_config(config)
+        # The config as Keras 3 writes it today (same layers, same order, so
+        # the same keys), for outputs of a config Keras 2 or a legacy .h5 wrote.
+        self.config = serialized_config(model)
         if config is None:
-            config = serialized_config(model)
+            config = self.config
         from trainer.varnames import key_map
         names = KerasNames(config)
         variable_key = key_map(model.weights)
@@ -153,17 +159,66 @@ def serialized_config(model) -> dict:
     return json.loads(json.dumps(keras.saving.serialize_keras_object(model)))
 
 
-def _build(config: dict):
+def model_from_config(config: dict, where: str = "model config"):
+    """The Keras model a config describes (Keras 2 configs translated), built
+    in safe mode and without its compile state; UsageError naming `where` if
+    Keras cannot build it."""
     import keras
 
     import trainer.models  # noqa: F401  registers the trainer's custom layers
-    config = {**config, "compile_config": None}
+    from .keras2 import is_legacy_h5, to_keras3
+    legacy = is_legacy_h5(config)
+    try:
+        model = _deserialize(to_keras3(config, where))
+        if legacy:
+            # Keras builds a legacy config's nested models with their own name
+            # in every variable path ("inner/dense/kernel"), a .keras config's
+            # without ("dense/kernel", the key checkpoints and merges use):
+            # once more from the model's own, current config.
+            model = _deserialize(keras.saving.serialize_keras_object(model))
+    except UsageError:
+        raise
+    except Exception as e:  # Keras reports a bad config in many types
+        raise UsageError(f"{where}: Keras cannot rebuild the model ({_one_line(e)})") from None
+    if not isinstance(model, keras.Model):
+        raise UsageError(f"{where}: describes a {type(model).__name__}, not a Keras model")
+    return model
+
+
+def _deserialize(config: dict):
+    import keras
+    # A copy: Keras's deserialization empties the dicts it is given.
+    config = json.loads(json.dumps({**config, "compile_config": None}))
     return keras.saving.deserialize_keras_object(config, safe_mode=True)
 
 
-def config_from_model_cfg(model_cfg: dict) -> dict:
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    # Keras quotes whole configs over many lines.
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def registry_model(model_cfg, where: str):
+    """The trainer model a manifest records (`model`: name, input_shape,
+    num_classes, options), rebuilt from the registry. A user model
+    (`package.module:function`) is refused: a file must not choose which
+    module this process imports."""
+    from trainer.models import MODELS, build_model
+    try:
+        name, shape, classes = model_cfg["name"], tuple(model_cfg["input_shape"]), int(model_cfg["num_classes"])
+        options = dict(model_cfg.get("options") or {})
+    except (TypeError, KeyError, ValueError):
+        raise UsageError(f"{where}: its manifest records no usable model (name, input_shape, num_classes); "
+                         "give the run's .keras file") from None
+    if name not in MODELS:
+        raise UsageError(f"{where}: model {name!r} is not in the trainer's registry and the run exported no "
+                         "model.keras; give a .keras file of it (merge never imports a module a file names)")
+    try:
+        return build_model(name, shape, classes, **options)
+    except UsageError as e:
+        raise UsageError(f"{where}: cannot rebuild its model: {e}") from None
+
+
+def config_from_model_cfg(model_cfg: dict, where: str = "run") -> dict:
     """The Keras v3 config of a trainer model, from its manifest entry."""
-    from trainer.models import build_model
-    model = build_model(model_cfg["name"], tuple(model_cfg["input_shape"]), model_cfg["num_classes"],
-                        **(model_cfg.get("options") or {}))
-    return serialized_config(model)
+    return serialized_config(registry_model(model_cfg, where))

@@ -17,9 +17,11 @@ import numpy as np
 
 from trainer.errors import UsageError
 
+from .keras2 import to_keras3
 from .naming import KerasNames
 
 MANIFEST = "manifest.json"
+_MODELS = {"Functional", "Sequential", "Model"}
 _ZIP, _HDF5 = b"PK\x03\x04", b"\x89HDF\r\n\x1a\n"
 
 
@@ -112,10 +114,22 @@ class H5Source(Source):
         if "layer_names" in legacy.attrs:
             self.family = "variables"
             self.format = "legacy.h5"
-            for layer in legacy.attrs["layer_names"]:
-                group = legacy[_text(layer)]
-                for wname in group.attrs.get("weight_names", []):
-                    self._tensors[_text(wname).split(":")[0]] = group[_text(wname)]
+            if config is None and "model_config" in self.h5.attrs:  # a whole model, not only weights
+                try:
+                    self.config = to_keras3(json.loads(_text(self.h5.attrs["model_config"])), str(path))
+                except ValueError:
+                    pass  # an unreadable architecture; the weights are still named
+            # Keras 3 writes a nested model's weights as "inner/dense/kernel",
+            # Keras 2 as "dense/kernel"; the variable's key is the latter.
+            models = {layer.get("config", {}).get("name") for layer in (self.config or {}).get("config", {})
+                      .get("layers", []) if isinstance(layer, dict) and layer.get("class_name") in _MODELS}
+            for layer in map(_text, legacy.attrs["layer_names"]):
+                group = legacy[layer]
+                for wname in map(_text, group.attrs.get("weight_names", [])):
+                    key = wname.split(":")[0]
+                    if layer in models and key.startswith(layer + "/"):
+                        key = key[len(layer) + 1:]
+                    self._tensors[key] = group[wname]
         else:
             self._datasets: list[str] = []
             self.h5.visititems(lambda name, obj: self._datasets.append(name)
@@ -136,6 +150,11 @@ class H5Source(Source):
             if key is not None:
                 self._tensors[key] = self.h5[path]
         self.h5_paths = {k: v.name.lstrip("/") for k, v in self._tensors.items()}
+
+    def bind_paths(self) -> None:
+        """Key a Keras v3 file's model tensors by their own dataset paths
+        ("layers/dense/vars/0"), for listing a file no architecture names."""
+        self._tensors = {p: self.h5[p] for p in self._datasets if p.startswith(("layers/", "vars/"))}
 
     def _info(self, ds):
         return tuple(ds.shape), ds.dtype
@@ -275,7 +294,7 @@ def open_keras(path) -> H5Source:
             names = set(zf.namelist())
             if not {"config.json", "model.weights.h5"} <= names:
                 raise UsageError(f"{path}: a zip without config.json and model.weights.h5; not a .keras model")
-            config = json.loads(zf.read("config.json"))
+            config = to_keras3(json.loads(zf.read("config.json")), str(path))
             metadata = json.loads(zf.read("metadata.json")) if "metadata.json" in names else {}
             member = zf.getinfo("model.weights.h5")
             if member.compress_type == zipfile.ZIP_STORED:
@@ -337,7 +356,8 @@ def _open_dir(p: Path) -> Source:
         return src
     manifest = read_manifest(p)
     if manifest.get("kind") == "merge":
-        src = H5Source(p / "model.weights.h5", config=_read_json(p / "config.json"), fmt="merge dir")
+        src = H5Source(p / "model.weights.h5", config=to_keras3(_read_json(p / "config.json"), str(p / "config.json")),
+                       fmt="merge dir")
         src.path = str(p)
         if (p / "masks.h5").exists():
             import h5py
@@ -355,14 +375,21 @@ def _open_dir(p: Path) -> Source:
 
 def _attach_config(src: Source, run: Path) -> None:
     """The architecture of a trainer run: its exported model's config, or the
-    model rebuilt from the manifest when the run has not finished."""
+    registry model its manifest names when the run has not finished (a user
+    model is never imported for it: the run then has no architecture)."""
     exported = run / "model.keras"
     if exported.exists():
-        with zipfile.ZipFile(exported) as zf:
-            src.config = json.loads(zf.read("config.json"))
+        try:
+            with zipfile.ZipFile(exported) as zf:
+                src.config = to_keras3(json.loads(zf.read("config.json")), str(exported))
+        except (zipfile.BadZipFile, KeyError, ValueError, OSError) as e:
+            raise UsageError(f"{exported}: not a readable .keras file ({_first_line(e)})") from None
     elif src.model_cfg:
+        from trainer.models import MODELS
+
         from .naming import config_from_model_cfg
-        src.config = config_from_model_cfg(src.model_cfg)
+        if src.model_cfg.get("name") in MODELS:
+            src.config = config_from_model_cfg(src.model_cfg, str(run))
 
 
 def _read_json(path: Path) -> dict:
