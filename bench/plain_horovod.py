@@ -1,11 +1,14 @@
 """The baseline: a minimal Horovod + Keras training loop, written from
-Horovod's documented TensorFlow 2 API (hvd.init, DistributedGradientTape,
-variables broadcast after the first batch, lr scaled by size), on the same
-model and per-rank batch as our trainer. Prints one JSON line on rank 0.
+Horovod's documented TensorFlow 2 API (hvd.init, gradients averaged by
+Horovod, variables broadcast after the first batch, lr scaled by size), on
+the same model and per-rank batch as our trainer. Prints one JSON line on
+rank 0.
 
-On Keras 3, hvd.broadcast_variables does not take Keras variables, so the
-first batch broadcasts their values (v.assign(hvd.broadcast(v, 0))), as a
-Horovod user on Keras 3 does.
+On Keras 3, Horovod's DistributedGradientTape and broadcast_variables do not
+take Keras variables (they call tf.Variable methods Keras 3 variables lack),
+so this does what they do inside, as a Horovod user on Keras 3 must: one
+hvd.allreduce (Average) per gradient, and the first batch broadcasts values
+(v.assign(hvd.broadcast(v, 0))).
 
     horovodrun -np 2 python bench/plain_horovod.py --batch-size 64 --steps 60
 """
@@ -49,8 +52,8 @@ def main():
     def training_step(images, labels, first_batch):
         with tf.GradientTape() as tape:
             loss_value = loss(labels, model(images, training=True))
-        tape = hvd.DistributedGradientTape(tape)
-        grads = tape.gradient(loss_value, model.trainable_variables)
+        grads = [hvd.allreduce(g, op=hvd.Average)
+                 for g in tape.gradient(loss_value, model.trainable_variables)]
         opt.apply_gradients(zip(grads, model.trainable_variables))
         if first_batch:
             for i, v in enumerate(model.variables + opt.variables):
