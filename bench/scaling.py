@@ -6,7 +6,9 @@ alike; the median is reported:
   plain np=1, plain np=2 (gloo, mpi): bench/plain_horovod.py, Horovod's
       documented TF2 loop, the baseline;
   ours np=1, ours np=2 (gloo, mpi): python -m trainer with its defaults;
-  one process, all cores: python -m trainer --threads <cores>.
+  one process, all cores: python -m trainer --threads <cores>;
+  the machine's ceiling: two independent single-process trainers at once,
+      each pinned to its own core (taskset), no communication at all.
 Scaling efficiency = np=2 throughput / (2 x np=1 throughput of the same loop).
 """
 from __future__ import annotations
@@ -53,6 +55,25 @@ def ours(np_, controller, batch, steps, threads=1, extra=(), env=None):
         return json.loads((Path(tmp) / "run" / "manifest.json").read_text())["final"]["samples_per_sec"]
 
 
+def independent_pair(batch, steps):
+    """Summed throughput of two trainers that share nothing but the machine."""
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for core in (0, 1):
+            args = ["taskset", "-c", core, sys.executable, "-m", "trainer", "--backend", "single",
+                    "--model", "cifar10_cnn", "--data", "synthetic", "--batch-size", batch,
+                    "--max-steps", steps + 1, "--epochs", 1000, "--threads", 1,
+                    "--out", Path(tmp) / f"run{core}", "--quiet"]
+            procs.append(subprocess.Popen([str(a) for a in args], cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.PIPE, text=True))
+        for p in procs:
+            _, err = p.communicate(timeout=900)
+            if p.returncode != 0:
+                raise RuntimeError(f"independent trainer failed:\n{err[-2000:]}")
+        return sum(json.loads((Path(tmp) / f"run{core}" / "manifest.json").read_text())["final"]["samples_per_sec"]
+                   for core in (0, 1))
+
+
 def _run(cmd, env):
     proc = subprocess.run([str(c) for c in cmd], cwd=REPO, env=_env(env), capture_output=True, text=True,
                           timeout=900)
@@ -81,6 +102,7 @@ def main(argv=None) -> int:
         "ours np=2 mpi, --accum-steps 4": lambda: ours(2, "mpi", B, S // 4, extra=("--accum-steps", 4)),
         "ours np=2 gloo, --fp16-allreduce": lambda: ours(2, "gloo", B, S, extra=("--fp16-allreduce",)),
         f"one process, {cores} threads": lambda: ours(0, None, B, S, threads=cores),
+        "two independent processes, one core each": lambda: independent_pair(B, S),
     }
     results = {k: [] for k in configs}
     started = time.time()
@@ -125,6 +147,10 @@ def render(med, results, a, cores, seconds) -> str:
         f"| ours / plain at np=2, mpi | {med['ours np=2 mpi'] / med['plain np=2 mpi']:.2f} | >= 1.0 |",
         f"| one process with all cores / (2 x ours np=1) | "
         f"{med[[k for k in med if k.startswith('one process')][0]] / (2 * med['ours np=1']):.2f} | (reference) |",
+        f"| machine ceiling: two independent processes / (2 x ours np=1) | "
+        f"{med['two independent processes, one core each'] / (2 * med['ours np=1']):.2f} | (what no communication would give) |",
+        f"| ours np=2 gloo / machine ceiling | "
+        f"{med['ours np=2 gloo'] / med['two independent processes, one core each']:.2f} | (the cost of synchronizing) |",
     ]
     return "\n".join(lines) + "\n"
 
