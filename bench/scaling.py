@@ -8,7 +8,8 @@ alike; the median is reported:
   ours np=1, ours np=2 (gloo, mpi): python -m trainer with its defaults;
   one process, all cores: python -m trainer --threads <cores>;
   the machine's ceiling: two independent single-process trainers at once,
-      each pinned to its own core (taskset), no communication at all.
+      each pinned to its own core (taskset), no communication at all,
+      against one such trainer alone.
 Scaling efficiency = np=2 throughput / (2 x np=1 throughput of the same loop).
 """
 from __future__ import annotations
@@ -55,11 +56,12 @@ def ours(np_, controller, batch, steps, threads=1, extra=(), env=None):
         return json.loads((Path(tmp) / "run" / "manifest.json").read_text())["final"]["samples_per_sec"]
 
 
-def independent_pair(batch, steps):
-    """Summed throughput of two trainers that share nothing but the machine."""
+def independent(batch, steps, cores=(0, 1)):
+    """Summed throughput of trainers (--backend single, one thread, pinned to
+    one core each) that run at once and share nothing but the machine."""
     with tempfile.TemporaryDirectory() as tmp:
         procs = []
-        for core in (0, 1):
+        for core in cores:
             args = ["taskset", "-c", core, sys.executable, "-m", "trainer", "--backend", "single",
                     "--model", "cifar10_cnn", "--data", "synthetic", "--batch-size", batch,
                     "--max-steps", steps + 1, "--epochs", 1000, "--threads", 1,
@@ -71,7 +73,7 @@ def independent_pair(batch, steps):
             if p.returncode != 0:
                 raise RuntimeError(f"independent trainer failed:\n{err[-2000:]}")
         return sum(json.loads((Path(tmp) / f"run{core}" / "manifest.json").read_text())["final"]["samples_per_sec"]
-                   for core in (0, 1))
+                   for core in cores)
 
 
 def _run(cmd, env):
@@ -102,7 +104,8 @@ def main(argv=None) -> int:
         "ours np=2 mpi, --accum-steps 4": lambda: ours(2, "mpi", B, S // 4, extra=("--accum-steps", 4)),
         "ours np=2 gloo, --fp16-allreduce": lambda: ours(2, "gloo", B, S, extra=("--fp16-allreduce",)),
         f"one process, {cores} threads": lambda: ours(0, None, B, S, threads=cores),
-        "two independent processes, one core each": lambda: independent_pair(B, S),
+        "one single process alone, one core": lambda: independent(B, S, cores=(0,)),
+        "two independent processes, one core each": lambda: independent(B, S),
     }
     results = {k: [] for k in configs}
     started = time.time()
@@ -147,8 +150,11 @@ def render(med, results, a, cores, seconds) -> str:
         f"| ours / plain at np=2, mpi | {med['ours np=2 mpi'] / med['plain np=2 mpi']:.2f} | >= 1.0 |",
         f"| one process with all cores / (2 x ours np=1) | "
         f"{med[[k for k in med if k.startswith('one process')][0]] / (2 * med['ours np=1']):.2f} | (reference) |",
-        f"| machine ceiling: two independent processes / (2 x ours np=1) | "
-        f"{med['two independent processes, one core each'] / (2 * med['ours np=1']):.2f} | (what no communication would give) |",
+        f"| machine ceiling: two independent processes / (2 x one alone) | "
+        f"{med['two independent processes, one core each'] / (2 * med['one single process alone, one core']):.2f} "
+        f"| (what no communication would give) |",
+        f"| ours np=1 under horovodrun / one single process alone | "
+        f"{med['ours np=1'] / med['one single process alone, one core']:.2f} | (Horovod's cost at size 1) |",
         f"| ours np=2 gloo / machine ceiling | "
         f"{med['ours np=2 gloo'] / med['two independent processes, one core each']:.2f} | (the cost of synchronizing) |",
     ]
