@@ -81,7 +81,15 @@ def cmd_slurm(a) -> int:
     if not a.wait:
         return 0
     log = Path(a.workdir) / a.output.replace("%j", str(job_id)) if "%" not in a.output.replace("%j", "") else None
-    status = slurm.follow(job_id, log)
+    try:
+        status = slurm.follow(job_id, log)
+    except slurm.ControllerUnreachable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if status is None:
+        print(f"job {job_id} ended, but its exit status is unknown: scontrol has forgotten the job and sacct has "
+              f"no record of it (no accounting); see its log", file=sys.stderr)
+        return 1
     print(f"job {job_id} ended with exit status {status}", file=sys.stderr)
     return status
 

@@ -54,7 +54,7 @@ class SlurmCluster:
                       f"--seed-file={r / 'munge' / 'seed'}", "--force"])
         self._wait(lambda: self.munge_socket.exists(), timeout, "munged socket")
         self.conf.write_text(self._config())
-        self._daemon(["slurmctld", "-D", "-c", "-f", str(self.conf)])
+        self._controller = self._daemon(["slurmctld", "-D", "-c", "-f", str(self.conf)])
         self._daemon(["slurmd", "-D", "-f", str(self.conf), "-N", self.node])
         self._wait(self._node_ready, timeout, "the node to register")
         return self
@@ -92,13 +92,39 @@ NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
-    def _daemon(self, cmd):
+    def stop_controller(self) -> None:
+        """SIGTERM slurmctld only: it writes its state to StateSaveLocation
+        on the way out, and jobs run on under slurmd meanwhile."""
+        proc = self._controller
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        self._procs.remove(proc)
+        self.pids.remove(proc.pid)
+
+    def start_controller(self, timeout: float = 60) -> None:
+        """slurmctld again, without -c (which would clear the saved state), so
+        it recovers the jobs that ran while it was down."""
+        self._controller = self._daemon(["slurmctld", "-D", "-f", str(self.conf)])
+        self._wait(self._node_ready, timeout, "the restarted controller")
+
+    def client_env(self, message_timeout: int) -> dict:
+        """Environment for clients (sbatch, scontrol, srun) with their own
+        MessageTimeout. scontrol retries a refused connection for a time that
+        grows with it (18 s at the default 10, 2 s at 2) before it reports
+        failure, so a short one makes an outage of a few seconds visible to
+        them. The daemons keep the cluster's configuration."""
+        conf = self.root / f"client-{message_timeout}.conf"
+        conf.write_text(self.conf.read_text() + f"MessageTimeout={message_timeout}\n")
+        return {"SLURM_CONF": str(conf)}
+
+    def _daemon(self, cmd) -> subprocess.Popen:
         env = {**os.environ, **self.env}
         log = open(self.root / "log" / f"{Path(cmd[0]).name}.out", "ab")
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
         self.pids.append(proc.pid)
         self._procs = getattr(self, "_procs", []) + [proc]
+        return proc
 
     def _node_ready(self) -> bool:
         for p in getattr(self, "_procs", []):
