@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from .errors import MaskMismatch, OneLineParser, UsageError
+from .errors import OneLineParser, ReplicaMismatch, UsageError
 
 
 def _launch_rank() -> int:
@@ -45,6 +45,9 @@ def train_parser() -> argparse.ArgumentParser:
     a("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
     a("--max-steps", type=int, default=0, help="stop after this many global steps (checkpointed)")
     a("--save-every-steps", type=int, default=0, help="also checkpoint every N steps inside epochs")
+    a("--verify-every-steps", type=int, default=0, metavar="N",
+      help="also compare the weights across replicas every N steps (one small allgather of per-weight hashes); "
+           "they are always compared at checkpoints and after --resume/--init (default 0: only then)")
     a("--client", type=int, help="federated: this client's index")
     a("--clients", type=int, help="federated: number of clients")
     a("--split", default="iid", help="iid | dirichlet:ALPHA | classes:C (default iid)")
@@ -168,7 +171,7 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    except MaskMismatch as e:  # replicas disagree: stop before they diverge
+    except ReplicaMismatch as e:  # every process raises it, from the same gathered hashes
         if _launch_rank() == 0:
             print(f"error: {e}", file=sys.stderr)
         return 1

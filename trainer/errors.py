@@ -10,9 +10,15 @@ class UsageError(Exception):
     """
 
 
-class MaskMismatch(RuntimeError):
-    """Pruning or freezing masks differ across replicas: the run stops, exit 1,
-    naming the weight, before the replicas drift apart."""
+class ReplicaMismatch(RuntimeError):
+    """Replicas that must hold identical values do not: the run stops, exit 1,
+    with one line naming the first differing weight and the replicas, before
+    a checkpoint or an export records the chief's copy as the truth."""
+
+
+class MaskMismatch(ReplicaMismatch):
+    """Pruning or freezing masks differ across replicas, or a masked-out weight
+    is nonzero (--verify-masks)."""
 
 
 class OneLineParser(argparse.ArgumentParser):

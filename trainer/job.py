@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from .errors import UsageError
+from .errors import ReplicaMismatch, UsageError
 
 # Input shape of --data synthetic when the model has no natural one.
 SYNTHETIC_SHAPES = {"digits_cnn": (8, 8, 1), "lstm": (16, 8), "cnn_lstm": (6, 16, 16, 3)}
@@ -59,6 +59,7 @@ class Options:
     prune_config: str | None = None
     freeze: str | None = None
     verify_masks: bool = False
+    verify_every_steps: int = 0
     structured: bool = False
     model_options: dict = field(default_factory=dict)
 
@@ -81,6 +82,8 @@ def validate(o: Options) -> None:
         raise UsageError(f"--prox-mu must be a finite number >= 0, got {o.prox_mu}")
     if o.resume and o.init:
         raise UsageError("--resume and --init exclude each other: a resumed run keeps its own start")
+    if o.verify_every_steps < 0:
+        raise UsageError(f"--verify-every-steps must be 0 (only at checkpoints) or more, got {o.verify_every_steps}")
 
 
 def prune_config(o: Options):
@@ -147,6 +150,7 @@ def run(o: Options) -> dict:
     backend = create(o.backend, fp16_allreduce=o.fp16_allreduce, devices=o.devices, pin_cores=o.pin_cores)
 
     from . import checkpoint as ck
+    from .agreement import WeightCheck
     from .loop import LoopConfig, train
     from .report import ChiefReporter, Reporter
 
@@ -160,6 +164,11 @@ def run(o: Options) -> dict:
     state = backend.load_shared(lambda: _restore(o, plan, model, checkpoint))
     backend.broadcast_variables(model.variables + optimizer.variables + masks.variables
                                 + (prox.anchor if prox else []))
+    check = WeightCheck(backend, model.weights, o.verify_every_steps)
+    if o.resume or o.init:
+        # Under Horovod only rank 0 read, so this proves the broadcast; under
+        # tf.distribute every worker read its own copy of the files.
+        check.now("after --resume" if o.resume else "after --init")
     if not o.resume:
         masks.start()
         if prox:
@@ -176,6 +185,7 @@ def run(o: Options) -> dict:
                   + (f", resuming at step {state.step}" if o.resume else ""))
 
     def save(st):
+        check.at_checkpoint(st.step)  # on every process, before rank 0 writes its copy as the run's
         if run_dir:
             meta = {**st.to_dict(), "world_size": backend.num_replicas}
             run_dir.save(checkpoint, meta, {"step": st.step, "epoch": st.epoch, "samples_seen": st.samples_seen})
@@ -183,10 +193,11 @@ def run(o: Options) -> dict:
     cfg = LoopConfig(epochs=o.epochs, batch_size=o.batch_size, seed=o.seed, accum_steps=o.accum_steps,
                      max_steps=o.max_steps, save_every_steps=o.save_every_steps)
     hooks = masks.hooks()
+    hooks["after_step"] = [*hooks["after_step"], check.after_step]
     if prox:  # before the masks, so a masked gradient stays exactly zero
         hooks["grad_hooks"] = [prox.grad_hook, *hooks["grad_hooks"]]
     speed = train(model, optimizer, backend, data, cfg, state, reporter, save, **hooks)
-    return _finish(backend, model, data, run_dir, reporter, speed, state, plan["out"], masks)
+    return _finish(backend, model, data, run_dir, reporter, speed, state, plan["out"], masks, check)
 
 
 def _build(o: Options, backend, data, model_cfg: dict, prune_cfg=None):
@@ -254,14 +265,15 @@ def _run_manifest(o: Options, plan: dict, backend, data, model_cfg: dict, lineag
     return manifest
 
 
-def _finish(backend, model, data, run_dir, reporter, speed: dict, state, out: str, masks) -> dict:
+def _finish(backend, model, data, run_dir, reporter, speed: dict, state, out: str, masks, check) -> dict:
     """Final evaluation, the replica check, the .keras export, the summary line."""
     from . import checkpoint as ck
     from .loop import evaluate
     test = evaluate(model, data.x_test, data.y_test, backend)
     replicas = backend.replica_fingerprints(model.weights)
     if len(set(replicas)) != 1:
-        raise RuntimeError(f"weights differ across replicas after training: {replicas}")
+        check.now("after training")  # names the weight
+        raise ReplicaMismatch(f"weights differ across {backend.replica_noun}s after training: {replicas}")
     extra = masks.finish(run_dir, reporter, sample=data.x_test[:256])
     if run_dir:
         ck.export_keras(model, run_dir.path / "model.keras")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import MaskMismatch
+
 
 class Masking:
     def __init__(self, o, model, backend, total_steps: int, prune_cfg=None):
@@ -24,7 +26,6 @@ class Masking:
             self.pruner = Pruner(model, prune_cfg, backend, total_steps, protected)
         self.sets = [x.maskset for x in (self.pruner, self.freezer) if x]
         self.checked_steps = 0
-        self.violations = 0
 
     @property
     def variables(self) -> list:
@@ -48,8 +49,17 @@ class Masking:
                 "before_step": before, "after_step": after}
 
     def _check(self, step: int) -> None:
-        self.violations += self.pruner.violations()
+        # Summed over processes every step, so that all stop together: a rank
+        # that raised alone would leave the others blocked in the next allreduce.
+        table = self.backend.allreduce_sum(self.pruner.violations())
         self.checked_steps += 1
+        if table.any():
+            j = int(np.flatnonzero(table.any(axis=0))[0])
+            name, noun = self.pruner.maskset.names[j], self.backend.replica_noun
+            on = [int(r) for r in np.flatnonzero(table[:, j])]
+            raise MaskMismatch(f"{int(table[:, j].sum())} pruned entries of {name} are nonzero after "
+                               f"step {step} on {noun}{'s' if len(on) > 1 else ''} {', '.join(map(str, on))} "
+                               "(--verify-masks); stopping the run")
 
     def finish(self, run_dir, reporter, sample=None) -> dict:
         """Manifest entries, and on the chief the sparsity table, PNG and exports."""
@@ -62,8 +72,9 @@ class Masking:
             summary = self.pruner.summary()
             summary["final_checksums"] = self.pruner.maskset.verify()
             if self.o.verify_masks:
-                total = self.backend.allreduce_sum(np.array([self.violations, self.checked_steps], dtype=np.float64))
-                summary["verified"] = {"violations": int(total[0]), "replica_steps_checked": int(total[1])}
+                # A violation stops the run (_check), so a finished run has none.
+                total = self.backend.allreduce_sum(np.array([self.checked_steps], dtype=np.float64))
+                summary["verified"] = {"violations": 0, "replica_steps_checked": int(total[0])}
             out["pruning"] = summary
             if run_dir:
                 self._report(run_dir, reporter, summary, sample)

@@ -18,6 +18,7 @@ class Backend:
     rank = 0            # process index; 0 is the chief, the only one that writes
     size = 1            # number of processes
     num_replicas = 1    # replicas across all processes (one batch slice each)
+    replica_noun = "replica"  # what an error calls one replica
 
     @property
     def is_chief(self) -> bool:

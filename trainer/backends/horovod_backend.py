@@ -12,6 +12,7 @@ from .base import Backend
 
 class HorovodBackend(Backend):
     name = "horovod"
+    replica_noun = "rank"
 
     def __init__(self, fp16_allreduce: bool = False, pin_cores: bool = True):
         # Horovod's background thread wakes every cycle to negotiate; at its

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from ..agreement import require_agreement
 from ..errors import MaskMismatch
 from ..varnames import safe
 
@@ -109,10 +110,19 @@ class MaskSet:
         return lambda w: tf.where(mask > 0, w, tf.zeros_like(w))
 
     def set(self, arrays: list[np.ndarray]) -> None:
-        """New masks from this process, made identical by the chief's broadcast,
-        applied to the weights at once (cross-replica context, between steps)."""
+        """New masks from this process, compared across replicas, then made
+        identical by the chief's broadcast and applied to the weights at once
+        (cross-replica context, between steps)."""
         for m, a in zip(self.masks, arrays):
             m.assign(a)
+        if self.backend.num_replicas > 1:
+            # Before the broadcast: after it every replica holds the chief's
+            # masks, and ranks whose own masks differed (drifted weights,
+            # another config) would train on unnoticed.
+            named = {**{f"mask of {k}": m for k, m in zip(self.names, self.masks)},
+                     **{f"frozen values of {k}": v for k, v in zip(self.names, self.values)}}
+            require_agreement(self.backend, named, "", f"before {self.backend.replica_noun} 0's "
+                              "masks are broadcast", error=MaskMismatch)
         self.backend.broadcast_variables(self.masks + self.values)
         for j, v in enumerate(self.targets):
             v.assign(self._remask(j)(v))
@@ -120,12 +130,8 @@ class MaskSet:
     def verify(self) -> dict:
         """{weight name: per-replica checksums of its mask}; a mismatch stops
         the run naming the weight."""
-        prints = dict(zip(self.names, self.backend.replica_fingerprints_each(self.masks)))
-        for name, per_replica in prints.items():
-            if len(set(per_replica)) != 1:
-                raise MaskMismatch(f"mask of {name} differs across replicas ({len(set(per_replica))} versions); "
-                                   "stopping before the replicas diverge")
-        return prints
+        return require_agreement(self.backend, dict(zip(self.names, self.masks)), "mask of ",
+                                 "after the broadcast", error=MaskMismatch)
 
     def sparsity(self) -> dict:
         return {k: float(1.0 - m.numpy().mean()) for k, m in zip(self.names, self.masks)}

@@ -71,13 +71,16 @@ class Pruner:
                 keep[k.split("/")[0]] = np.flatnonzero(m.reshape(-1, m.shape[-1]).any(axis=0))
         return keep
 
-    def violations(self) -> int:
-        """Masked-out entries that are not exactly zero, on this process."""
-        count = 0
-        for v, m in zip(self.maskset.targets, self.maskset.masks):
-            for copy in self.maskset.backend.local_replica_values(v):
-                count += int(np.count_nonzero(copy[m.numpy() == 0]))
-        return count
+    def violations(self) -> np.ndarray:
+        """Masked-out entries that are not exactly zero: a (replica, weight)
+        table with this process's rows filled (zeros elsewhere), to be summed."""
+        backend = self.maskset.backend
+        table = np.zeros((backend.num_replicas, len(self.maskset.names)))
+        for j, (v, m) in enumerate(zip(self.maskset.targets, self.maskset.masks)):
+            pruned = m.numpy() == 0
+            for replica, copy in zip(backend.local_replicas, backend.local_replica_values(v)):
+                table[replica, j] = np.count_nonzero(copy[pruned])
+        return table
 
     def summary(self) -> dict:
         return {"config": {**self.cfg.to_dict(), "end": self.end}, "targets": self.targets,
