@@ -27,7 +27,8 @@ def pair(work: Path, model: str, a) -> dict:
         _run(trainer("--model", model, "--epochs", a.epochs, "--seed", s, "--out", run, "--quiet"), None)
     exports = [r / "model.keras" for r in runs]
     out = {name: work / model / f"{name}.keras" for name in ("naive", "aligned", "recalibrated", "ensemble")}
-    _run(merge("fedavg", *exports, "-o", out["naive"], "--uniform", "--quiet"), None)
+    # Independent runs record different lineages: the naive average is what --force is for.
+    _run(merge("fedavg", *exports, "-o", out["naive"], "--uniform", "--force", "--quiet"), None)
     _run(merge("fedavg", *exports, "-o", out["aligned"], "--uniform", "--align", "--quiet"), None)
     _run(merge("fedavg", *exports, "-o", out["recalibrated"], "--uniform", "--align", "--recalibrate-bn",
                "--data", "digits", "--quiet"), None)

@@ -22,13 +22,15 @@ RULES = (("mean", "mean"), ("median", "median"), ("trimmed-mean:0.2", "trimmed")
 
 
 def poison(src: Path, dst: Path, scale: float) -> None:
-    """A client that sends garbage: its weights times `scale`."""
+    """A client that sends garbage: its weights times `scale`, under the
+    lineage its file records (the metadata is as easy to keep as to drop)."""
     import keras
 
     import trainer.models  # noqa: F401  (registers the trainer's custom layers)
+    from trainer.checkpoint import export_keras, read_record
     model = keras.models.load_model(src, compile=False)
     model.set_weights([scale * w for w in model.get_weights()])
-    model.save(dst)
+    export_keras(model, dst, record=read_record(src))
 
 
 def measure(work: Path, a) -> dict:

@@ -22,7 +22,8 @@ def parser() -> OneLineParser:
     f.add_argument("-o", "--out", required=True, help="OUT.keras, or a directory a trainer can --init from")
     f.add_argument("--weights", type=_floats, help="per-input weights, e.g. 3,1 (default: samples seen)")
     f.add_argument("--uniform", action="store_true", help="weight every input equally")
-    f.add_argument("--force", action="store_true", help="average even inputs with different initializations")
+    f.add_argument("--force", action="store_true", help="average even inputs with different initializations, "
+                   "or inputs that record one beside inputs that record none")
     f.add_argument("--aggregator", default="mean", help=f"{AGGREGATORS} (default mean: FedAvg, weighted; "
                    "the others are unweighted and resist a few bad inputs)")
     f.add_argument("--mask-policy", choices=MASK_POLICIES,
@@ -129,7 +130,8 @@ def cmd_fedavg(a) -> int:
     for inp in s["inputs"]:
         print(f"  {inp['path']}  weight {inp['weight']:.4f}  samples {inp['samples_seen'] or '-'}  "
               f"{inp['format']}")
-    print(f"lineage: {s['lineage'] or 'unknown'}; samples seen in all: {s['samples_seen']}")
+    print(f"lineage: {s['lineage'] or 'unknown'}; samples seen in all: {s['samples_seen']}"
+          + (f"; round {s['round']}" if s.get("round") is not None else ""))
     if s["aggregator"] != "mean":
         print(f"aggregator: {s['aggregator']}" + (f" (chose {s['krum_choice']})" if s["krum_choice"] else ""))
     if s["mask_policy"]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from trainer.checkpoint import round_of
 from trainer.errors import UsageError
 from trainer.files.naming import VariableLayout
 from trainer.files.sources import H5Source, open_source
@@ -39,6 +40,7 @@ def inspect(path: str) -> dict:
                 row["pruned"] = float(1.0 - (np.asarray(src.read_mask(key)) > 0).mean())
             tensors.append(row)
         return {"path": src.path, "format": src.format, "naming": src.family, "lineage": src.lineage,
+                "round": round_of(src.manifest),
                 "samples_seen": src.samples, "model": (src.model_cfg or {}).get("name")
                 or (src.config or {}).get("config", {}).get("name"),
                 "params": sum(t["params"] for t in tensors), "tensors": tensors, "note": note}
@@ -54,7 +56,8 @@ def _one_line(e: BaseException) -> str:
 def format_inspect(info: dict) -> str:
     lines = [f"{info['path']}: {info['format']}, model {info['model'] or 'unknown'}, "
              f"{info['params']:,} parameters in {len(info['tensors'])} tensors",
-             f"lineage: {info['lineage'] or 'unknown (no manifest)'}",
+             f"lineage: {info['lineage'] or 'unknown (no manifest)'}"
+             + (f"; round {info['round']}" if info.get("round") is not None else ""),
              f"samples seen: {info['samples_seen'] if info['samples_seen'] is not None else 'unknown'}"]
     if info.get("note"):
         lines.append(f"note: {info['note']}")
@@ -82,6 +85,10 @@ def diff(a: str, b: str) -> tuple[list[str], str | None]:
         if sa.lineage and sb.lineage and sa.lineage != sb.lineage:
             problems.append(f"lineage: different initializations ({sa.lineage[:19]}... vs {sb.lineage[:19]}...); "
                             "average only with --force, or use `merge ensemble`")
+        elif bool(sa.lineage) != bool(sb.lineage):
+            missing, other = (a, b) if not sa.lineage else (b, a)
+            problems.append(f"lineage: {missing} records no initialization, {other} does; "
+                            "average only with --force")
         note = inputs.pairing_note()
         reason = inputs.mismatch.get(sb.path) or inputs.mismatch.get(sa.path)
         if reason:

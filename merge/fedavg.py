@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from trainer.checkpoint import package_versions
+from trainer.checkpoint import package_versions, round_of
 from trainer.errors import UsageError
 
 from .aggregate import Select, first_of, krum_index, parse_aggregator, reprune
@@ -42,6 +42,7 @@ class Options:
     align: bool = False
     recalibrate_bn: bool = False
     labels: list[str] | None = None   # how the manifest names the inputs (aligned copies are temporary)
+    input_rounds: list[int | None] | None = None  # the rounds of what `labels` names
     warnings: list[str] = field(default_factory=list)
 
 
@@ -88,6 +89,7 @@ def _aligned(o: Options) -> dict:
             raise UsageError("--align with pruned inputs is not supported: a permutation would have to move "
                              "the masks too; merge them without --align")
         weights = _weights(inputs, o)
+        rounds = [round_of(s.manifest) for s in inputs.sources]
     base = load_model(o.inputs[0])
     out = Path(o.out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.align.", suffix=".tmp", dir=out.parent))
@@ -101,8 +103,10 @@ def _aligned(o: Options) -> dict:
             paths.append(str(tmp / f"aligned-{i}.keras"))
         # Aligned copies of different initializations: lineage no longer applies.
         inner = replace(o, inputs=paths, weights=weights, uniform=False, align=False, recalibrate_bn=False,
-                        force=True, labels=list(o.inputs), warnings=[])
+                        force=True, labels=list(o.inputs), input_rounds=rounds, warnings=[])
         summary = _fedavg(inner)
+        # Of the copies' warnings only the rounds (the originals') still apply.
+        o.warnings.extend(w for w in inner.warnings if "different rounds" in w)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {**summary, "aligned_to": o.inputs[0]}
@@ -139,6 +143,7 @@ def _fedavg(o: Options) -> dict:
             o.warnings.append(f"{path}: its graph differs from {inputs.reference.path}'s ({reason}); "
                               "its tensors were matched by name")
         lineage = _check_lineage(inputs, o)
+        round_ = _round(inputs, o)
         weights = _weights(inputs, o)
         masked = any(s.has_mask(k) for s in inputs.sources for k in keys) or o.infer_masks
         policy = o.mask_policy or "intersection"
@@ -159,7 +164,7 @@ def _fedavg(o: Options) -> dict:
                 "kind": "merge", "method": "fedavg", "aggregator": o.aggregator,
                 "krum_choice": None if chosen is None else inputs.sources[chosen].path,
                 "mask_policy": policy if masked else None,
-                "model": inputs.sources[0].model_cfg, "lineage": lineage,
+                "model": inputs.sources[0].model_cfg, "lineage": lineage, "round": round_,
                 "samples_seen": sum(s.samples or 0 for s in inputs.sources),
                 "inputs": [{"path": label, "format": s.format, "weight": w, "samples_seen": s.samples,
                             "lineage": s.lineage}
@@ -176,25 +181,61 @@ def _fedavg(o: Options) -> dict:
 
 
 def _check_lineage(inputs: Inputs, o: Options) -> str | None:
+    """The inputs' common lineage, or None. Refused without --force: inputs of
+    different lineages, and inputs of known lineage beside ones that record
+    none. A file without lineage (saved by plain Keras, or by an earlier
+    version) may come from any initialization; only when no input records
+    one is there nothing to go by, and then a warning says so."""
     known = {s.path: s.lineage for s in inputs.sources if s.lineage}
+    unknown = [s.path for s in inputs.sources if not s.lineage]
+    refused = []  # (error, what --force averages anyway)
     if len(set(known.values())) > 1:
         a, la = next((p, l) for p, l in known.items())
         b, lb = next((p, l) for p, l in known.items() if l != la)
-        message = (f"{a} and {b} start from different initializations ({la[:19]}... vs {lb[:19]}...): "
-                   "independently trained networks put the same features in different units, so averaging "
-                   "their weights mixes unrelated units and gives a broken model; combine their predictions "
-                   f"with `python -m merge ensemble {a} {b} -o ensemble.keras`, or pass --force to average anyway")
+        refused.append((f"{a} and {b} start from different initializations ({la[:19]}... vs {lb[:19]}...): "
+                        "independently trained networks put the same features in different units, so averaging "
+                        "their weights mixes unrelated units and gives a broken model; combine their predictions "
+                        f"with `python -m merge ensemble {a} {b} -o ensemble.keras`, or pass --force to average "
+                        "anyway", "inputs with different initializations"))
+    if known and unknown:
+        lineage = next(iter(known.values()))
+        refused.append((f"{', '.join(unknown)}: no recorded initialization, while {', '.join(known)} "
+                        f"record{'s' if len(known) == 1 else ''} one ({lineage[:19]}...): a file without lineage "
+                        "may come from any initialization, and averaging unrelated networks gives a broken model; "
+                        "give the run or merge directory (or the model.keras this version's trainer or merge "
+                        "wrote), or pass --force to average anyway",
+                        f"{', '.join(unknown)} (no recorded initialization) with inputs that record one"))
+    if refused:
         if not o.force:
-            raise UsageError(message)
-        o.warnings.append("--force: averaging inputs with different initializations")
-    unknown = [s.path for s in inputs.sources if not s.lineage]
-    if unknown:
+            raise UsageError(refused[0][0])
+        o.warnings.append("--force: averaging " + " and ".join(what for _, what in refused))
+    elif unknown:
         o.warnings.append(f"{', '.join(unknown)}: no recorded initialization (a plain Keras file); averaging is "
                           "only meaningful if every input started from the same weights"
                           + ("" if o.data else "; pass --data NAME to check the merged model against the inputs"))
     if known and not unknown and len(set(known.values())) == 1:
         return next(iter(known.values()))
     return None
+
+
+def _round(inputs: Inputs, o: Options) -> int | None:
+    """One more than the newest input's round; None if no input records one.
+    Inputs of different rounds are averaged with a warning: a client that
+    trained from an older global model pulls the average back towards it,
+    which is sometimes intended (a late client) and often a mix-up."""
+    labels = o.labels or [s.path for s in inputs.sources]
+    rounds = o.input_rounds or [round_of(s.manifest) for s in inputs.sources]
+    by_round: dict[int, list[str]] = {}
+    for label, r in zip(labels, rounds):
+        if r is not None:
+            by_round.setdefault(r, []).append(str(label))
+    if not by_round:
+        return None
+    if len(by_round) > 1:
+        listing = "; ".join(f"round {r}: {', '.join(paths)}" for r, paths in sorted(by_round.items()))
+        o.warnings.append(f"the inputs come from different rounds ({listing}); the output is round "
+                          f"{max(by_round) + 1}")
+    return max(by_round) + 1
 
 
 def _weights(inputs: Inputs, o: Options) -> list[float]:

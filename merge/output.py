@@ -1,6 +1,6 @@
 """Where a merge goes: a .keras file, or a directory a trainer can start from.
 
-A directory holds manifest.json (lineage, summed samples, the inputs), the
+A directory holds manifest.json (lineage, round, summed samples, the inputs), the
 Keras config and weights as a .keras file holds them unzipped (config.json,
 model.weights.h5: loadable with model.load_weights), and masks.h5 when the
 inputs were pruned. Everything is written under a temporary name beside the
@@ -20,7 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from trainer.checkpoint import FORMAT
+from trainer.checkpoint import FORMAT, RECORD_KEY, RECORDED
 from trainer.errors import UsageError
 
 from trainer.files.naming import KerasNames
@@ -124,12 +124,13 @@ class WeightsWriter:
 
     def _zip(self, manifest: dict) -> Path:
         """The same three members, stored uncompressed, as Keras's own save.
-        Keras ignores extra metadata keys; ours carry the lineage, so that a
-        .keras merge is as good an --init as a directory."""
+        Keras ignores extra metadata keys; ours carry the lineage and round,
+        so that a .keras merge is as good an --init (and merge input) as a
+        directory."""
         zipped = self.tmp / "out.keras"
         metadata = {"keras_version": _keras_version(),
                     "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S"),
-                    "dptoolkit": {k: manifest.get(k) for k in ("kind", "lineage", "samples_seen", "model")}}
+                    RECORD_KEY: {k: manifest.get(k) for k in RECORDED}}
         with zipfile.ZipFile(zipped, "w", allowZip64=True) as zf:
             _preallocate(zipped, (self.tmp / "model.weights.h5").stat().st_size)
             zf.writestr("metadata.json", json.dumps(metadata))

@@ -112,5 +112,5 @@ def server_step(prev: str, average: str, out: str, rule: str, state: str, lr: fl
 
 
 def _manifest_of(source) -> dict:
-    keep = ("model", "lineage", "samples_seen", "inputs", "mask_policy", "aggregator")
+    keep = ("model", "lineage", "round", "samples_seen", "inputs", "mask_policy", "aggregator")
     return {k: source.manifest.get(k) for k in keep}

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
@@ -27,6 +28,11 @@ from .errors import UsageError
 
 MANIFEST = "manifest.json"
 FORMAT = "dptoolkit-run/1"
+# What a .keras file carries of its run's or merge's manifest, in
+# metadata.json under RECORD_KEY: a file copied alone to another machine
+# still says where it comes from, and merge and --init read it.
+RECORD_KEY = "dptoolkit"
+RECORDED = ("kind", "lineage", "round", "samples_seen", "model")
 _PACKAGES = ("tensorflow", "keras", "horovod", "numpy", "scikit-learn", "mpi4py", "h5py")
 
 
@@ -57,6 +63,25 @@ def fingerprint_arrays(named_arrays) -> str:
         h.update(f"{name}|{a.dtype.str}|{a.shape}\n".encode())
         h.update(a.tobytes())
     return "sha256:" + h.hexdigest()
+
+
+def lineage_matches(variables, lineage: str) -> bool:
+    """Whether `lineage` is the fingerprint of these very weights. The TF 2.15
+    version hashed Keras 2's variable names (`dense1/kernel:0`); its inits are
+    still valid --init sources, so its recipe counts too."""
+    from .varnames import keyed
+    arrays = [(k, np.asarray(v.numpy())) for k, v in keyed(variables).items()]
+    return lineage in (fingerprint_arrays(arrays), fingerprint_arrays((k + ":0", a) for k, a in arrays))
+
+
+def round_of(record: dict) -> int | None:
+    """The federated round of a manifest or .keras record: an init is round 0
+    (also one written before rounds were recorded), a run has its init's
+    round, a merge one more than its newest input. None: not recorded."""
+    r = record.get("round")
+    if isinstance(r, int) and not isinstance(r, bool) and r >= 0:
+        return r
+    return 0 if record.get("kind") == "init" else None
 
 
 def atomic_write(path: Path, write) -> None:
@@ -199,12 +224,50 @@ def checkpoint_of(run_dir) -> tuple[str, dict]:
     return str(ckpt / "state"), meta
 
 
-def export_keras(model, path) -> None:
-    """model.save under a temporary .keras name, then rename."""
+def export_keras(model, path, record: dict | None = None) -> None:
+    """model.save under a temporary .keras name, then rename; `record` (see
+    RECORDED) goes into the archive's metadata.json."""
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
     try:
         model.save(tmp)
+        if record is not None:
+            _add_record(tmp, {k: record.get(k) for k in RECORDED})
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def read_record(path) -> dict:
+    """The RECORD_KEY entry of a .keras file's metadata.json; {} for a file
+    Keras wrote alone, or one that is not a readable archive."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            recorded = json.loads(zf.read("metadata.json")).get(RECORD_KEY)
+    except (zipfile.BadZipFile, KeyError, ValueError, AttributeError, OSError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def _add_record(archive: Path, record: dict) -> None:
+    """Keras offers no way to add a metadata key, and ignores one it does not
+    know when loading, so the archive is copied with metadata.json amended;
+    every other member keeps its bytes and its compression."""
+    amended = archive.with_name(f"{archive.stem}.record.keras")
+    try:
+        with zipfile.ZipFile(archive) as src, zipfile.ZipFile(amended, "w", allowZip64=True) as dst:
+            names = src.namelist()
+            for info in src.infolist():
+                copy = zipfile.ZipInfo(info.filename, date_time=info.date_time)
+                copy.compress_type, copy.external_attr = info.compress_type, info.external_attr
+                if info.filename == "metadata.json":
+                    dst.writestr(copy, json.dumps({**json.loads(src.read(info)), RECORD_KEY: record}))
+                    continue
+                copy.file_size = info.file_size  # a member above 2 GiB is written as ZIP64
+                with src.open(info) as fin, dst.open(copy, "w") as fout:
+                    shutil.copyfileobj(fin, fout, 1 << 20)
+            if "metadata.json" not in names:
+                dst.writestr("metadata.json", json.dumps({RECORD_KEY: record}))
+        os.replace(amended, archive)
+    finally:
+        amended.unlink(missing_ok=True)

@@ -5,8 +5,6 @@ is what later lets `merge fedavg` average their weights.
 """
 from __future__ import annotations
 
-import json
-import zipfile
 from pathlib import Path
 
 from . import checkpoint as ck
@@ -14,29 +12,25 @@ from .errors import UsageError
 
 
 def read_init(path) -> dict:
-    """The model config and lineage an init source records, where it has them."""
+    """What an init source records, where it has it: model config, lineage,
+    kind (init, run, merge) and round."""
     p = Path(path)
     if not p.exists():
         raise UsageError(f"--init {path}: no such file or directory")
     if p.is_dir():
-        manifest = ck.read_manifest(p)
-        return {"model": manifest.get("model"), "lineage": manifest.get("lineage")}
+        return _recorded(ck.read_manifest(p))
     if p.suffix == ".keras":
-        return _keras_metadata(p)
+        # Written by `trainer` or `merge`, it carries its manifest's record;
+        # saved by Keras alone, nothing.
+        return _recorded(ck.read_record(p))
     if p.suffix == ".h5":
-        return {"model": None, "lineage": None}
+        return _recorded({})
     raise UsageError(f"--init {path}: expected an init or run directory, a .keras or a .weights.h5 file")
 
 
-def _keras_metadata(p: Path) -> dict:
-    """A .keras written by `merge fedavg` records its model and lineage in the
-    archive's metadata.json; one saved by Keras records neither."""
-    try:
-        with zipfile.ZipFile(p) as zf:
-            recorded = json.loads(zf.read("metadata.json")).get("dptoolkit") or {}
-    except (zipfile.BadZipFile, KeyError, ValueError, AttributeError, OSError):
-        recorded = {}
-    return {"model": recorded.get("model"), "lineage": recorded.get("lineage")}
+def _recorded(record: dict) -> dict:
+    return {"model": record.get("model"), "lineage": record.get("lineage"), "kind": record.get("kind"),
+            "round": ck.round_of(record)}
 
 
 def load_initial_weights(model, path) -> None:
@@ -58,6 +52,30 @@ def load_initial_weights(model, path) -> None:
         read_into(model, src, f"--init {path}")
     finally:
         src.close()
+    check_lineage(model, path)
+
+
+def check_lineage(model, path) -> None:
+    """Refuse an init whose weights are not those its lineage was taken of.
+
+    Only an init (`trainer init`, kind "init") records the hash of the very
+    weights it holds. A run records the lineage of the init it started from,
+    and a merge carries its inputs' lineage forward, so that the next round
+    can be averaged with the others: their own weights never hash to it, and
+    re-hashing them would refuse every federated round. An init whose weights
+    were edited but whose manifest was kept would hand every client a lineage
+    that vouches for weights nobody hashed: merges of unrelated models would
+    pass the lineage check."""
+    p = Path(path)
+    if not ((p.is_dir() and (p / ck.MANIFEST).exists()) or (p.is_file() and p.suffix == ".keras")):
+        return  # a checkpoint or weights file records no lineage
+    info = read_init(p)
+    if info["kind"] != "init" or not info["lineage"]:
+        return
+    if not ck.lineage_matches(model.weights, info["lineage"]):
+        raise UsageError(f"--init {path}: its weights do not match the lineage it records "
+                         f"({info['lineage'][:19]}...); they were changed after `trainer init` wrote them. "
+                         "Start from an unmodified init, or write a new one with `python -m trainer init`")
 
 
 def write_init(out, model, model_cfg: dict) -> str:
@@ -66,8 +84,9 @@ def write_init(out, model, model_cfg: dict) -> str:
     if run_dir.exists():
         raise UsageError(f"--out {out} already exists; choose another directory")
     lineage = ck.fingerprint(model.weights)
-    run_dir.write_manifest({"kind": "init", "model": model_cfg, "lineage": lineage,
-                            "versions": ck.package_versions(), "step": 0, "samples_seen": 0})
+    manifest = {"kind": "init", "model": model_cfg, "lineage": lineage, "round": 0,
+                "versions": ck.package_versions(), "step": 0, "samples_seen": 0}
+    run_dir.write_manifest(manifest)
     run_dir.save(ck.state_checkpoint(model), {"epoch": 0, "offset": 0, "step": 0, "samples_seen": 0}, {})
-    ck.export_keras(model, run_dir.path / "model.keras")
+    ck.export_keras(model, run_dir.path / "model.keras", record=manifest)
     return lineage

@@ -261,7 +261,11 @@ def _run_manifest(o: Options, plan: dict, backend, data, model_cfg: dict, lineag
         "versions": ck.package_versions(),
     }
     if not o.resume:
-        manifest.update(step=0, samples_seen=0, epoch=0)
+        # A run belongs to the round of what it starts from (0: a fresh start
+        # or a `trainer init`); merging a round's runs makes the next round.
+        from .init import read_init
+        start = read_init(o.init)["round"] if o.init else 0
+        manifest.update(step=0, samples_seen=0, epoch=0, round=start)
     return manifest
 
 
@@ -276,7 +280,10 @@ def _finish(backend, model, data, run_dir, reporter, speed: dict, state, out: st
         raise ReplicaMismatch(f"weights differ across {backend.replica_noun}s after training: {replicas}")
     extra = masks.finish(run_dir, reporter, sample=data.x_test[:256])
     if run_dir:
-        ck.export_keras(model, run_dir.path / "model.keras")
+        # The lineage rides along inside the file: copied alone to another
+        # machine, it still merges as what it is.
+        ck.export_keras(model, run_dir.path / "model.keras",
+                        record={**run_dir.manifest(), "samples_seen": state.samples_seen})
         run_dir.write_manifest({**run_dir.manifest(), **extra, "final": {
             "keras": "model.keras", "test_loss": test["loss"], "test_accuracy": test["accuracy"],
             "samples_per_sec": speed["samples_per_sec"], "replica_fingerprints": replicas}})
