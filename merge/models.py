@@ -13,14 +13,14 @@ checkpoints.
 from __future__ import annotations
 
 import json
-import zipfile
 from pathlib import Path
 
 import keras
 
 from trainer.checkpoint import MANIFEST, read_manifest
 from trainer.errors import UsageError
-from trainer.files.keras2 import is_keras2
+from trainer.files.archive import check_config, load_keras, read_keras
+from trainer.files.hdf5 import H5_ERRORS, damaged, open_h5
 from trainer.files.naming import model_from_config, registry_model
 from trainer.files.sources import open_source
 from trainer.files.weights import read_into
@@ -69,12 +69,11 @@ def source_kind(path) -> str:
 
 def _has_model_config(p: Path) -> bool:
     """A legacy whole-model .h5 (model.save("x.h5")), as opposed to weights only."""
-    import h5py
-    try:
-        with h5py.File(p, "r") as f:
+    with open_h5(p, str(p)) as f:
+        try:
             return "model_config" in f.attrs
-    except OSError:
-        raise UsageError(f"{p}: not a readable HDF5 file; it is truncated or corrupt") from None
+        except H5_ERRORS as e:
+            raise damaged(str(p), e) from None
 
 
 def _dir_kind(p: Path, path) -> str:
@@ -123,25 +122,7 @@ def load_model(path) -> keras.Model:
 
 
 def _load_keras(p: Path, path) -> keras.Model:
-    try:
-        with zipfile.ZipFile(p) as zf:
-            config = json.loads(zf.read("config.json"))
-    except (zipfile.BadZipFile, KeyError, ValueError, UnicodeDecodeError, OSError) as e:
-        raise UsageError(f"{path}: not a .keras archive ({_one_line(e)}); save the model again "
-                         "with model.save('x.keras')") from None
-    try:
-        if is_keras2(config):
-            # Keras 3 cannot rebuild a Keras 2 functional config as it is; the
-            # translated one describes the same layers in the same order, so
-            # Keras reads the archive's weights into it positionally as usual.
-            model = model_from_config(config, str(path))
-            model.load_weights(str(p))
-            return model
-        return keras.models.load_model(p, compile=False, safe_mode=True)
-    except UsageError:
-        raise
-    except Exception as e:  # a bad archive fails in many ways (zip, json, h5, config)
-        raise UsageError(f"{path}: cannot load this .keras file ({_one_line(e)})") from None
+    return load_keras(p, str(path))
 
 
 def _config_of_h5(p: Path, path) -> dict:
@@ -161,11 +142,7 @@ def _run_architecture(run_dir: Path, path) -> dict | keras.Model:
     cfg = read_manifest(run_dir).get("model")
     exported = run_dir / "model.keras"
     if isinstance(cfg, dict) and cfg.get("name") not in MODELS and exported.is_file():
-        try:
-            with zipfile.ZipFile(exported) as zf:
-                return json.loads(zf.read("config.json"))
-        except (zipfile.BadZipFile, KeyError, ValueError, UnicodeDecodeError, OSError) as e:
-            raise UsageError(f"{exported}: not a readable .keras archive ({_one_line(e)})") from None
+        return read_keras(exported, weights=False).config
     return registry_model(cfg, str(path))
 
 
@@ -184,10 +161,12 @@ def _load_by_name(architecture, weights: Path, path) -> keras.Model:
 def _load_merge_dir(p: Path, path) -> keras.Model:
     try:
         config = json.loads((p / MERGE_CONFIG).read_text())
-    except (OSError, ValueError, UnicodeDecodeError) as e:
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
         raise UsageError(f"{p / MERGE_CONFIG}: unreadable model config ({_one_line(e)})") from None
     if not isinstance(config, dict):
         raise UsageError(f"{p / MERGE_CONFIG}: not a Keras model config")
+    check_config(config, str(p / MERGE_CONFIG))
+    open_h5(p / MERGE_WEIGHTS, str(p / MERGE_WEIGHTS)).close()  # checked before Keras reads it
     model = model_from_config(config, str(p / MERGE_CONFIG))
     try:
         model.load_weights(str(p / MERGE_WEIGHTS))

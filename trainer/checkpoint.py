@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -33,6 +34,9 @@ FORMAT = "dptoolkit-run/1"
 # still says where it comes from, and merge and --init read it.
 RECORD_KEY = "dptoolkit"
 RECORDED = ("kind", "lineage", "round", "samples_seen", "model")
+JSON_CAP = 16 << 20
+_CKPT = re.compile(r"ckpt-\d{1,12}")
+META_COUNTS = ("epoch", "offset", "step", "samples_seen")
 _PACKAGES = ("tensorflow", "keras", "horovod", "numpy", "scikit-learn", "mpi4py", "h5py")
 
 
@@ -108,17 +112,54 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def read_json(path, what: str, cap: int = JSON_CAP):
+    """A small JSON file, read at most `cap` bytes: run directories come from
+    other machines, and a manifest is never megabytes."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(cap + 1)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise UsageError(f"{path}: unreadable {what} ({e.strerror or e})") from None
+    if len(raw) > cap:
+        raise UsageError(f"{path}: a {what} over {cap >> 20} MiB; refused, it is not one this project wrote")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise UsageError(f"{path}: corrupt {what} ({_first_line(e)}); restore it or write it again") from None
+
+
 def read_manifest(run_dir: Path) -> dict:
     path = Path(run_dir) / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
+        manifest = read_json(path, "manifest")
     except FileNotFoundError:
         raise UsageError(f"{run_dir}: no {MANIFEST}; not a run or init directory") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path}: corrupt manifest ({e}); restore it or start a new run") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UsageError(f"{path}: not a {FORMAT} manifest")
+    latest = manifest.get("latest")
+    # The name is joined to a path: nothing but a checkpoint of this run.
+    if latest is not None and not (isinstance(latest, str) and _CKPT.fullmatch(latest)):
+        raise UsageError(f"{path}: 'latest' is {str(latest)[:60]!r}, not a checkpoint name like ckpt-00000042")
+    for key in ("lineage", "kind", "init"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], str):
+            raise UsageError(f"{path}: '{key}' is a {type(manifest[key]).__name__}, not a string")
+    if manifest.get("model") is not None and not isinstance(manifest["model"], dict):
+        raise UsageError(f"{path}: 'model' is a {type(manifest['model']).__name__}, not an object")
+    for key in ("step", "samples_seen", "epoch", "round"):
+        if manifest.get(key) is not None and not _count(manifest[key]):
+            raise UsageError(f"{path}: '{key}' is {str(manifest[key])[:40]!r}, not a count")
     return manifest
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 62
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
 
 
 class RunDir:
@@ -217,10 +258,12 @@ def checkpoint_of(run_dir) -> tuple[str, dict]:
     if not (ckpt / "state.index").exists():
         raise UsageError(f"{ckpt}: checkpoint named by the manifest is missing")
     try:
-        meta = json.loads((ckpt / "meta.json").read_text())
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{ckpt / 'meta.json'}: unreadable ({e.__class__.__name__}); "
-                         "the checkpoint is damaged, restore it or pick an earlier one") from None
+        meta = read_json(ckpt / "meta.json", "checkpoint meta.json")
+    except FileNotFoundError:
+        meta = None
+    if not isinstance(meta, dict) or not all(_count(meta[k]) for k in META_COUNTS if k in meta):
+        raise UsageError(f"{ckpt / 'meta.json'}: missing, or its counts ({', '.join(META_COUNTS)}) are not "
+                         "integers; the checkpoint is damaged, restore it or pick an earlier one")
     return str(ckpt / "state"), meta
 
 
@@ -240,13 +283,10 @@ def export_keras(model, path, record: dict | None = None) -> None:
 
 def read_record(path) -> dict:
     """The RECORD_KEY entry of a .keras file's metadata.json; {} for a file
-    Keras wrote alone, or one that is not a readable archive."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            recorded = json.loads(zf.read("metadata.json")).get(RECORD_KEY)
-    except (zipfile.BadZipFile, KeyError, ValueError, AttributeError, OSError):
-        return {}
-    return recorded if isinstance(recorded, dict) else {}
+    Keras wrote alone. The archive is checked whole first (trainer.files.archive):
+    a damaged or hostile one is a UsageError."""
+    from .files.archive import read_keras
+    return read_keras(path).recorded
 
 
 def _add_record(archive: Path, record: dict) -> None:

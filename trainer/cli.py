@@ -108,17 +108,14 @@ def cmd_slice(argv) -> int:
         raise UsageError(f"-o {dst} is the input; write the sliced model elsewhere")
     if dst.exists() and not args.overwrite:
         raise UsageError(f"-o {dst} exists; pass --overwrite or choose another path")
-    import keras
     import tensorflow as tf
 
     from . import models  # noqa: F401  (registers custom layers)
     from .checkpoint import export_keras
+    from .files.archive import load_keras
     from .pruning.structured import select_units, slice_checked, unit_masks
     from .varnames import keyed
-    try:
-        model = keras.models.load_model(src, compile=False, safe_mode=True)
-    except Exception as e:
-        raise UsageError(f"{src}: not a loadable .keras model ({(str(e).splitlines() or [type(e).__name__])[0][:150]})") from None
+    model = load_keras(src)  # the archive checked first, then Keras in safe mode
     keep = select_units(model, args.fraction, layer_regex=args.layers)
     masks = unit_masks(model, keep)
     for name, w in keyed(model.weights).items():

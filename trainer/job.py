@@ -298,6 +298,7 @@ def _finish(backend, model, data, run_dir, reporter, speed: dict, state, out: st
 def _plan(o: Options) -> dict:
     """Chief-side decisions: the run directory, what to resume or start from."""
     from . import checkpoint as ck
+    from .files.recorded import recorded_model
     from .init import read_init
     plan = {"resume_prefix": None, "resume_state": None, "lineage": None, "init_source": None,
             "expect_model": None, "source": None}
@@ -305,18 +306,22 @@ def _plan(o: Options) -> dict:
     model = o.model
     if o.resume:
         manifest = ck.read_manifest(Path(o.out))
-        recorded = manifest["model"]
+        recorded = recorded_model(manifest.get("model"), f"--resume {o.out}", named=model)
         if model and model != recorded["name"]:
             raise UsageError(f"--resume {o.out}: that run trains model {recorded['name']!r}, "
                              f"not {model!r}; drop --model or pick another --out")
         prefix, meta = ck.checkpoint_of(Path(o.out))
-        plan.update(resume_prefix=prefix, lineage=manifest["lineage"], init_source=manifest.get("init"),
+        if not all(k in meta for k in ck.META_COUNTS):
+            raise UsageError(f"--resume {o.out}: its checkpoint's meta.json lacks {', '.join(ck.META_COUNTS)}; "
+                             "the checkpoint is damaged, restore it or pick an earlier one")
+        plan.update(resume_prefix=prefix, lineage=manifest.get("lineage"), init_source=manifest.get("init"),
                     resume_state={k: meta[k] for k in ("epoch", "offset", "step", "samples_seen")},
                     expect_model=recorded, source=f"--resume {o.out}")
         model, options = recorded["name"], recorded["options"]
     elif o.init:
         info = read_init(o.init)
         if info.get("model"):
+            info["model"] = recorded_model(info["model"], f"--init {o.init}", named=model)
             if model and model != info["model"]["name"]:
                 raise UsageError(f"--init {o.init}: written for model {info['model']['name']!r}, not {model!r}")
             model = info["model"]["name"]

@@ -15,6 +15,7 @@ Two naming schemes exist and a merge uses one of them:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 
@@ -111,7 +112,8 @@ class VariableLayout:
 
     def __init__(self, config: dict | None = None, model=None):
         if model is None:
-            model = model_from_config(config)
+            with shapes_only():
+                model = model_from_config(config)
         # The config as Keras 3 writes it today (same layers, same order, so
         # the same keys), for outputs of a config Keras 2 or a legacy .h5 wrote.
         self.config = serialized_config(model)
@@ -166,7 +168,9 @@ def model_from_config(config: dict, where: str = "model config"):
     import keras
 
     import trainer.models  # noqa: F401  registers the trainer's custom layers
+    from .archive import check_config
     from .keras2 import is_legacy_h5, to_keras3
+    check_config(config, where)  # every config from a file passes here before Keras sees it
     legacy = is_legacy_h5(config)
     try:
         model = _deserialize(to_keras3(config, where))
@@ -203,22 +207,40 @@ def registry_model(model_cfg, where: str):
     num_classes, options), rebuilt from the registry. A user model
     (`package.module:function`) is refused: a file must not choose which
     module this process imports."""
-    from trainer.models import MODELS, build_model
+    from trainer.models import build_model
+
+    from .recorded import recorded_model
+    cfg = recorded_model(model_cfg, where)
+    if cfg["input_shape"] is None or cfg["num_classes"] is None:
+        raise UsageError(f"{where}: its manifest records no input_shape or num_classes; "
+                         "give the run's .keras file")
     try:
-        name, shape, classes = model_cfg["name"], tuple(model_cfg["input_shape"]), int(model_cfg["num_classes"])
-        options = dict(model_cfg.get("options") or {})
-    except (TypeError, KeyError, ValueError):
-        raise UsageError(f"{where}: its manifest records no usable model (name, input_shape, num_classes); "
-                         "give the run's .keras file") from None
-    if name not in MODELS:
-        raise UsageError(f"{where}: model {name!r} is not in the trainer's registry and the run exported no "
-                         "model.keras; give a .keras file of it (merge never imports a module a file names)")
-    try:
-        return build_model(name, shape, classes, **options)
+        return build_model(cfg["name"], tuple(cfg["input_shape"]), cfg["num_classes"], **cfg["options"])
     except UsageError as e:
         raise UsageError(f"{where}: cannot rebuild its model: {e}") from None
+    except Exception as e:  # options the builder does not take, sizes it cannot allocate (TF's errors)
+        raise UsageError(f"{where}: cannot rebuild its model {cfg['name']!r} ({_one_line(e)})") from None
 
 
 def config_from_model_cfg(model_cfg: dict, where: str = "run") -> dict:
     """The Keras v3 config of a trainer model, from its manifest entry."""
-    return serialized_config(registry_model(model_cfg, where))
+    with shapes_only():
+        return serialized_config(registry_model(model_cfg, where))
+
+
+@contextlib.contextmanager
+def shapes_only():
+    """Models built inside have variables with shapes and paths but no
+    values: Keras defers a variable's initialization in a stateless scope.
+    Naming needs no more, and a config from another machine may describe a
+    model far larger than its file (a Dense of a million units is 4 GB)."""
+    import keras
+    from keras.src.backend.common import global_state
+    # Keras keeps deferred variables in a global list and initializes them all
+    # when the next stateless scope closes; these are never to be initialized.
+    pending = list(global_state.get_global_attribute("uninitialized_variables", [], set_to_default=True))
+    try:
+        with keras.StatelessScope(initialize_variables=False):
+            yield
+    finally:
+        global_state.set_global_attribute("uninitialized_variables", pending)

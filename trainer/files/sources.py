@@ -7,9 +7,7 @@ Python pickle is refused unread: unpickling runs whatever code the file holds.
 """
 from __future__ import annotations
 
-import io
 import json
-import struct
 import zipfile
 from pathlib import Path
 
@@ -17,6 +15,8 @@ import numpy as np
 
 from trainer.errors import UsageError
 
+from .archive import check_config, read_keras
+from .hdf5 import H5_ERRORS, damaged, open_h5
 from .keras2 import to_keras3
 from .naming import KerasNames
 
@@ -52,9 +52,8 @@ class Source:
         which saves the page faults of a fresh array on every read."""
         try:
             return self._read(self._tensors[key], rows, out)
-        except (OSError, ValueError, RuntimeError, KeyError, zipfile.BadZipFile) as e:
-            raise UsageError(f"{self.path}: tensor {key} cannot be read ({_first_line(e)}); "
-                             "the file is truncated or corrupt") from None
+        except (*H5_ERRORS, zipfile.BadZipFile) as e:
+            raise damaged(self.path, e, f"tensor {key}: ") from None
 
     def has_mask(self, key) -> bool:
         return key in self._masks
@@ -62,21 +61,24 @@ class Source:
     def read_mask(self, key, rows: slice | None = None) -> np.ndarray:
         try:
             return self._read(self._masks[key], rows, None)
-        except (OSError, ValueError, RuntimeError, KeyError) as e:
-            raise UsageError(f"{self.path}: mask of {key} cannot be read ({_first_line(e)})") from None
+        except H5_ERRORS as e:
+            raise damaged(self.path, e, f"mask of {key}: ") from None
 
     @property
     def lineage(self) -> str | None:
-        return self.manifest.get("lineage")
+        value = self.manifest.get("lineage")
+        return value if isinstance(value, str) else None
 
     @property
     def samples(self) -> int | None:
         n = self.meta.get("samples_seen", self.manifest.get("samples_seen"))
-        return int(n) if n else None
+        # Files from elsewhere: a count is an int, anything else is unknown.
+        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
     @property
     def model_cfg(self) -> dict | None:
-        return self.manifest.get("model")
+        value = self.manifest.get("model")
+        return value if isinstance(value, dict) else None
 
     def rename(self, mapping: dict[str, str], family: str) -> None:
         """Re-key into another family; a key without a translation is kept
@@ -100,29 +102,35 @@ class H5Source(Source):
     """Keras v3 weights (inside a .keras, or a .weights.h5) or legacy Keras .h5."""
 
     def __init__(self, path, fileobj=None, config=None, fmt="weights.h5"):
-        import h5py
         super().__init__(path)
         self.format = fmt
         self.config = config
         self._fileobj = fileobj
+        self.h5 = open_h5(fileobj if fileobj is not None else path, str(path))
         try:
-            self.h5 = h5py.File(fileobj if fileobj is not None else path, "r")
-        except OSError as e:
-            raise UsageError(f"{path}: not a readable HDF5 file ({_first_line(e)}); "
-                             "it is truncated or corrupt") from None
+            self._index(config)
+        except H5_ERRORS as e:
+            self.close()
+            raise damaged(str(path), e) from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _index(self, config):
+        import h5py
         legacy = self.h5["model_weights"] if "model_weights" in self.h5 else self.h5
         if "layer_names" in legacy.attrs:
             self.family = "variables"
             self.format = "legacy.h5"
             if config is None and "model_config" in self.h5.attrs:  # a whole model, not only weights
                 try:
-                    self.config = to_keras3(json.loads(_text(self.h5.attrs["model_config"])), str(path))
-                except ValueError:
-                    pass  # an unreadable architecture; the weights are still named
-            # Keras 3 writes a nested model's weights as "inner/dense/kernel",
-            # Keras 2 as "dense/kernel"; the variable's key is the latter.
-            models = {layer.get("config", {}).get("name") for layer in (self.config or {}).get("config", {})
-                      .get("layers", []) if isinstance(layer, dict) and layer.get("class_name") in _MODELS}
+                    config = json.loads(_text(self.h5.attrs["model_config"]))
+                    self.config = to_keras3(config, self.path) if isinstance(config, dict) else None
+                except (ValueError, TypeError, AttributeError, KeyError, RecursionError):
+                    self.config = None  # an unreadable architecture; the weights are still named
+                if self.config is not None:
+                    check_config(self.config, self.path)
+            models = _nested_models(self.config)
             for layer in map(_text, legacy.attrs["layer_names"]):
                 group = legacy[layer]
                 for wname in map(_text, group.attrs.get("weight_names", [])):
@@ -223,7 +231,11 @@ class TFCheckpointSource(Source):
         return tuple(self._shapes[key]), np.dtype(self._dtypes[key].as_numpy_dtype)
 
     def _read(self, key, rows, out):
-        a = self.reader.get_tensor(key)
+        try:
+            a = self.reader.get_tensor(key)
+        except Exception as e:  # TF's checkpoint reader raises OpError subclasses and others
+            raise UsageError(f"{self.path}: damaged TensorFlow checkpoint (tensor {key}: {_first_line(e)}); "
+                             "copy it again or pick an earlier checkpoint") from None
         return a if rows is None else a[rows]
 
 
@@ -252,68 +264,23 @@ def _variables(graph):
     return out
 
 
-class _Window(io.RawIOBase):
-    """A read-only, seekable view of a stored (uncompressed) zip member.
-
-    h5py seeks all over a file; zipfile's member objects seek backwards by
-    re-reading from the start, which is quadratic on a GiB-sized model."""
-
-    def __init__(self, path, start, size):
-        self.f = open(path, "rb")
-        self.start, self.size, self.pos = start, size, 0
-
-    def readable(self):
-        return True
-
-    def seekable(self):
-        return True
-
-    def seek(self, offset, whence=0):
-        base = {0: 0, 1: self.pos, 2: self.size}[whence]
-        self.pos = max(0, base + offset)
-        return self.pos
-
-    def tell(self):
-        return self.pos
-
-    def readinto(self, b):
-        n = max(0, min(len(b), self.size - self.pos))
-        self.f.seek(self.start + self.pos)
-        got = self.f.readinto(memoryview(b)[:n])
-        self.pos += got
-        return got
-
-    def close(self):
-        self.f.close()
-        super().close()
-
-
 def open_keras(path) -> H5Source:
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = set(zf.namelist())
-            if not {"config.json", "model.weights.h5"} <= names:
-                raise UsageError(f"{path}: a zip without config.json and model.weights.h5; not a .keras model")
-            config = to_keras3(json.loads(zf.read("config.json")), str(path))
-            metadata = json.loads(zf.read("metadata.json")) if "metadata.json" in names else {}
-            member = zf.getinfo("model.weights.h5")
-            if member.compress_type == zipfile.ZIP_STORED:
-                with open(path, "rb") as f:
-                    f.seek(member.header_offset)
-                    head = f.read(30)
-                    name_len, extra_len = struct.unpack("<HH", head[26:30])
-                start = member.header_offset + 30 + name_len + extra_len
-                fileobj = _Window(path, start, member.file_size)
-            else:  # Keras writes stored members; a re-zipped file is read in memory
-                fileobj = io.BytesIO(zf.read("model.weights.h5"))
-    except (zipfile.BadZipFile, EOFError, ValueError, KeyError) as e:
-        raise UsageError(f"{path}: not a readable .keras file ({_first_line(e)}); "
-                         "it is truncated or corrupt") from None
-    src = H5Source(path, fileobj=fileobj, config=config, fmt="keras")
-    recorded = metadata.get("dptoolkit") if isinstance(metadata, dict) else None
-    if isinstance(recorded, dict):  # a .keras written by merge
-        src.manifest = recorded
+    archive = read_keras(path)
+    src = H5Source(path, fileobj=archive.open_weights(), config=to_keras3(archive.config, str(path)), fmt="keras")
+    if archive.recorded:  # a .keras written by the trainer or by merge
+        src.manifest = archive.recorded
     return src
+
+
+def _nested_models(config) -> set:
+    """Names of the models nested in a legacy config: Keras 3 writes a nested
+    model's weights as "inner/dense/kernel", Keras 2 as "dense/kernel", and
+    the variable's key is the latter."""
+    inner = config.get("config") if isinstance(config, dict) else None
+    layers = inner.get("layers") if isinstance(inner, dict) else None
+    return {layer["config"].get("name") for layer in layers or []
+            if isinstance(layer, dict) and layer.get("class_name") in _MODELS
+            and isinstance(layer.get("config"), dict)}
 
 
 def _sniff(path: Path) -> bytes:
@@ -350,18 +317,21 @@ def _open_dir(p: Path) -> Source:
         src = TFCheckpointSource(str(p / "state"))
         run = p.parent.parent
         src.manifest = read_manifest(run) if (run / MANIFEST).exists() else {}
-        src.meta = _read_json(p / "meta.json")
+        meta = _read_json(p / "meta.json")
+        src.meta = meta if isinstance(meta, dict) else {}
         src.format = "trainer checkpoint"
         _attach_config(src, run)
         return src
     manifest = read_manifest(p)
     if manifest.get("kind") == "merge":
-        src = H5Source(p / "model.weights.h5", config=to_keras3(_read_json(p / "config.json"), str(p / "config.json")),
-                       fmt="merge dir")
+        config = _read_json(p / "config.json")
+        if not isinstance(config, dict):
+            raise UsageError(f"{p / 'config.json'}: not a Keras model config")
+        check_config(config, str(p / "config.json"))
+        src = H5Source(p / "model.weights.h5", config=to_keras3(config, str(p / "config.json")), fmt="merge dir")
         src.path = str(p)
         if (p / "masks.h5").exists():
-            import h5py
-            src._mask_file = h5py.File(p / "masks.h5", "r")
+            src._mask_file = open_h5(p / "masks.h5", str(p / "masks.h5"))
             src._masks = {k: src._mask_file[k.replace("/", "|")] for k in src._tensors
                           if k.replace("/", "|") in src._mask_file}
         src.manifest = manifest
@@ -379,11 +349,7 @@ def _attach_config(src: Source, run: Path) -> None:
     model is never imported for it: the run then has no architecture)."""
     exported = run / "model.keras"
     if exported.exists():
-        try:
-            with zipfile.ZipFile(exported) as zf:
-                src.config = to_keras3(json.loads(zf.read("config.json")), str(exported))
-        except (zipfile.BadZipFile, KeyError, ValueError, OSError) as e:
-            raise UsageError(f"{exported}: not a readable .keras file ({_first_line(e)})") from None
+        src.config = to_keras3(read_keras(exported, weights=False).config, str(exported))
     elif src.model_cfg:
         from trainer.models import MODELS
 
@@ -392,13 +358,12 @@ def _attach_config(src: Source, run: Path) -> None:
             src.config = config_from_model_cfg(src.model_cfg, str(run))
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path):
+    from trainer.checkpoint import read_json
     try:
-        return json.loads(Path(path).read_text())
+        return read_json(path, "JSON file")
     except FileNotFoundError:
         raise UsageError(f"{path}: missing") from None
-    except ValueError as e:
-        raise UsageError(f"{path}: corrupt JSON ({e})") from None
 
 
 def _text(v) -> str:

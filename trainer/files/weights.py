@@ -27,10 +27,14 @@ def read_into(model, src, where: str) -> None:
             held = ", ".join(sorted(have)[:6]) or "no weights"
             raise UsageError(f"{where}: tensor {name} missing; the weights do not fit model {model.name!r} "
                              f"(the file holds {held})")
-        shape, _ = src.info(name)
+        shape, dtype = src.info(name)
         if tuple(shape) != tuple(variable.shape):
             raise UsageError(f"{where}: tensor {name} has shape {tuple(shape)}, model {model.name!r} "
                              f"needs {tuple(variable.shape)}")
+        # Weights are numbers; a string or compound dataset in their place is a damaged or crafted file.
+        if np.dtype(dtype).kind not in "fiub":
+            raise UsageError(f"{where}: tensor {name} holds {np.dtype(dtype)} values, not numbers; "
+                             "the file is damaged or not a model's weights")
         values[name] = np.asarray(src.read(name))
     for name, variable in targets.items():
         variable.assign(values[name])
