@@ -1,4 +1,4 @@
-"""Fuzz the readers: every mutated input (tests/fuzz_inputs.py) must make every
+"""Fuzz the readers: every mutated input (tests/fuzz/) must make every
 CLI exit 0 or 2 (`merge diff`: 0, 1 or 2), never print a traceback, never hang,
 never allocate GBs, and never run code the input names. On exit 2, stderr must
 be one `error:` line (`warning:` lines before it are allowed).
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-import fuzz_inputs as fz
+import fuzz as fz
 
 RESULTS = Path(os.environ.get("FUZZ_RESULTS", "/tmp/fuzz-results"))
 REPORT = Path(os.environ.get("FUZZ_REPORT", "/tmp/fuzz-failures.txt"))
@@ -43,6 +43,7 @@ HEADROOM_MB = 1536     # RLIMIT_AS: the worker's address space after warm-up plu
 PEAK_MB = 400          # a command whose RSS peaks this far above its start allocated too much
 FAMILY_BUDGET = 150    # s per family; past it the remaining cases are reported as not run
 REPO = fz.REPO
+FUZZ_PATH = Path(fz.__file__).resolve().parents[1]  # the directory holding the fuzz package
 
 
 # -- the worker -------------------------------------------------------------------
@@ -59,10 +60,11 @@ class Worker:
         for var in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID", "TF_CONFIG",
                     "PYTHONSTARTUP"):
             env.pop(var, None)
-        env.update(PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="", PYTHONFAULTHANDLER="1",
+        env.update(PYTHONPATH=os.pathsep.join([str(FUZZ_PATH), str(REPO)]),  # for `python -m fuzz.worker`
+                   CUDA_VISIBLE_DEVICES="", PYTHONFAULTHANDLER="1",
                    OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
         self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, fz.__file__, "worker"], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "fuzz.worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log, env=env, cwd=str(REPO))
         self.buf = b""
         self.eof = False
