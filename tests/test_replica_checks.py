@@ -3,9 +3,13 @@ weight: weights at checkpoints, every N steps and after --resume; masks
 before rank 0's are broadcast; --verify-masks violations.
 
 The disagreements are real, made by two horovodrun ranks, not by hooks:
-BatchNorm's moving statistics follow each rank's own batch slices (Horovod
-allreduces gradients only), and a --prune-config read from each rank's own
-working directory (tests/per_rank_cwd.sh) gives the ranks different masks.
+each rank runs in its own working directory (tests/per_rank_cwd.sh), so a
+user model module or a --prune-config there can differ between hosts, as
+two versions of a file on two machines do. A kernel constraint only rank
+1's module has (Keras applies it after each update, on that rank alone)
+drives its weights away; different prune targets give different masks.
+BatchNorm's moving statistics, which each rank updates from its own
+batches, are averaged before every comparison: a BatchNorm model agrees.
 """
 import json
 import re
@@ -13,20 +17,22 @@ import re
 import numpy as np
 import pytest
 
-from conftest import horovodrun, manifest, ok, trainer
+from conftest import horovodrun, keras_weights, manifest, ok, trainer
 from test_cli_errors import assert_usage_error
 
-BN_MODEL = '''
+MODEL = '''
 import keras
 
 def build(input_shape, num_classes):
     x = inputs = keras.Input(input_shape)
     x = keras.layers.Flatten(name="flat")(x)
-    x = keras.layers.Dense(32, name="dense1")(x)
+    x = keras.layers.Dense(32, name="dense1"{constraint})(x)
     x = keras.layers.BatchNormalization(name="bn")(x)
     x = keras.layers.Activation("relu")(x)
     return keras.Model(inputs, keras.layers.Dense(num_classes, name="logits")(x))
 '''
+BN_MODEL = MODEL.format(constraint="")
+CONSTRAINED = MODEL.format(constraint=", kernel_constraint=keras.constraints.NonNeg()")
 
 
 def _per_rank(cwd, name, texts):
@@ -51,14 +57,27 @@ def assert_stopped(proc, *needles):
 @pytest.mark.parametrize("flags,when", [(["--verify-every-steps", "3"], "after step 3"),
                                         ([], "at the checkpoint of step 5")])
 def test_weights_that_drift_apart_stop_the_run_naming_the_weight(cwd, flags, when):
-    _per_rank(cwd, "bnnet.py", [BN_MODEL, BN_MODEL])
-    proc = horovodrun(2, "gloo", "--model", "bnnet:build", "--epochs", "1", "--save-every-steps", "5",
+    _per_rank(cwd, "net.py", [BN_MODEL, CONSTRAINED])
+    proc = horovodrun(2, "gloo", "--model", "net:build", "--epochs", "1", "--save-every-steps", "5",
                       "--out", "run", "--quiet", *flags, cwd=cwd)
-    line = assert_stopped(proc, "weight bn/moving_mean differs across ranks", when,
+    line = assert_stopped(proc, "weight dense1/kernel differs across ranks", when,
                           "rank 1 disagrees with rank 0")
-    assert "dense1/kernel" not in line  # allreduced gradients keep the trainable weights equal
+    assert "bn/moving" not in line  # batch statistics are averaged before the comparison
     # Stopped before rank 0 wrote its copy as the run's checkpoint.
     assert not list((cwd / "rank0" / "run" / "checkpoints").glob("ckpt-*"))
+
+
+def test_batchnorm_statistics_are_averaged_across_ranks(cwd):
+    """Each rank's moving statistics follow its own batches; the run's are
+    their mean, the same on both ranks, and the run finishes."""
+    _per_rank(cwd, "net.py", [BN_MODEL, BN_MODEL])
+    ok(horovodrun(2, "gloo", "--model", "net:build", "--epochs", "1", "--max-steps", "8",
+                  "--verify-every-steps", "4", "--out", "run", "--quiet", cwd=cwd))
+    m = manifest(cwd / "rank0" / "run")
+    prints = m["final"]["replica_fingerprints"]
+    assert len(prints) == 2 and prints[0] == prints[1]
+    stats = keras_weights(cwd / "rank0" / "run" / "model.keras")
+    assert np.all(np.isfinite(stats["bn/moving_mean"])) and np.any(stats["bn/moving_mean"] != 0)
 
 
 def test_ranks_computing_different_masks_stop_before_the_broadcast(cwd):

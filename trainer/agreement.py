@@ -35,13 +35,32 @@ def require_agreement(backend, named: dict, what: str, when: str, error=ReplicaM
     return prints
 
 
+def batch_statistics(model) -> list:
+    """BatchNormalization's moving means and variances, nested models included.
+
+    Each replica updates them from its own batches; no gradient carries
+    them, so under Horovod they drift apart. Their update is an exponential
+    moving average, linear in the batch statistic, so the mean over replicas
+    of each replica's average is exactly the average of the replicas' mean
+    statistic: averaging them whenever they are compared or saved gives the
+    same values as averaging at every step, for one collective per check.
+    """
+    import keras
+
+    from .models import walk_layers
+    return [v for layer in walk_layers(model) if isinstance(layer, keras.layers.BatchNormalization)
+            for v in (layer.moving_mean, layer.moving_variance)]
+
+
 class WeightCheck:
     """The model's weights compared across replicas: at every checkpoint,
-    every `every` steps (0: only at checkpoints) and when asked."""
+    every `every` steps (0: only at checkpoints) and when asked. Batch
+    statistics are averaged first (see `batch_statistics`)."""
 
-    def __init__(self, backend, weights, every: int = 0):
+    def __init__(self, backend, model, every: int = 0):
         self.backend, self.every = backend, every
-        self.named = keyed(weights)
+        self.named = keyed(model.weights)
+        self.statistics = batch_statistics(model)
         self._checked_step = None
 
     def now(self, when: str, step: int | None = None) -> None:
@@ -49,6 +68,7 @@ class WeightCheck:
             return
         if step is not None and step == self._checked_step:  # weights unchanged since
             return
+        self.backend.average_variables(self.statistics)
         require_agreement(self.backend, self.named, "weight ", when)
         self._checked_step = step
 

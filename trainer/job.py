@@ -164,7 +164,7 @@ def run(o: Options) -> dict:
     state = backend.load_shared(lambda: _restore(o, plan, model, checkpoint))
     backend.broadcast_variables(model.variables + optimizer.variables + masks.variables
                                 + (prox.anchor if prox else []))
-    check = WeightCheck(backend, model.weights, o.verify_every_steps)
+    check = WeightCheck(backend, model, o.verify_every_steps)
     if o.resume or o.init:
         # Under Horovod only rank 0 read, so this proves the broadcast; under
         # tf.distribute every worker read its own copy of the files.
@@ -273,6 +273,7 @@ def _finish(backend, model, data, run_dir, reporter, speed: dict, state, out: st
     """Final evaluation, the replica check, the .keras export, the summary line."""
     from . import checkpoint as ck
     from .loop import evaluate
+    backend.average_variables(check.statistics)  # before the evaluation that uses them
     test = evaluate(model, data.x_test, data.y_test, backend)
     replicas = backend.replica_fingerprints(model.weights)
     if len(set(replicas)) != 1:

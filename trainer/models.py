@@ -425,24 +425,24 @@ def build_model(name: str, input_shape: tuple, num_classes: int, **options) -> k
 # --------------------------------------------------------------------------
 
 
-def _walk(layer):
+def walk_layers(layer):
     """Every layer inside ``layer``, recursing into nested models and wrappers."""
     if isinstance(layer, keras.Model):
         for sub in layer.layers:
-            yield from _walk(sub)
+            yield from walk_layers(sub)
         return
     yield layer
     if isinstance(layer, keras.layers.Bidirectional):
-        yield from _walk(layer.forward_layer)
-        yield from _walk(layer.backward_layer)
+        yield from walk_layers(layer.forward_layer)
+        yield from walk_layers(layer.backward_layer)
     elif isinstance(layer, keras.layers.Wrapper):
-        yield from _walk(layer.layer)
+        yield from walk_layers(layer.layer)
 
 
 def _stateful_layers(model):
     return [
         layer
-        for layer in _walk(model)
+        for layer in walk_layers(model)
         if getattr(layer, "stateful", False) is True and hasattr(layer, "reset_states")
     ]
 

@@ -75,6 +75,10 @@ class Backend:
     def broadcast_object(self, obj):
         return obj
 
+    def average_variables(self, variables) -> None:
+        """Set each variable to its mean over processes. One process, or
+        tf.distribute (which aggregates a replica's writes itself): nothing to do."""
+
     def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
         """Sum a small array over processes (metrics, counts, checksums)."""
         return np.asarray(values, dtype=np.float64)

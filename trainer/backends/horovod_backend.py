@@ -77,6 +77,13 @@ class HorovodBackend(Backend):
     def broadcast_object(self, obj):
         return self.hvd.broadcast_object(obj, root_rank=0)
 
+    def average_variables(self, variables) -> None:
+        from ..varnames import keys
+        variables = list(variables)
+        for name, v in zip(keys(variables), variables):
+            v.assign(self.hvd.allreduce(tf.convert_to_tensor(v), op=self.hvd.Average,
+                                        name="avg." + name.replace("/", ".").replace("#", ".")))
+
     def allreduce_sum(self, values):
         t = tf.constant(np.asarray(values, dtype=np.float64))
         return self.hvd.allreduce(t, op=self.hvd.Sum, name="dpt_allreduce_sum").numpy()
