@@ -124,3 +124,13 @@ def test_a_verify_masks_violation_raises_naming_the_weight():
     kernel.assign(np.where(mask == 0, 1.0, kernel.numpy()))
     with pytest.raises(MaskMismatch, match=r"pruned entries of conv2/kernel are nonzero after step 2 on replica 0"):
         check(2)
+
+
+def test_batchnorm_statistics_agree_under_mirrored(cwd):
+    """MirroredStrategy keeps a copy of the statistics per replica, each
+    written from its own slice; they are averaged the same way."""
+    (cwd / "net.py").write_text(BN_MODEL)
+    ok(trainer("--model", "net:build", "--backend", "mirrored", "--devices", "2", "--max-steps", "6",
+               "--verify-every-steps", "3", "--out", "run", "--quiet", cwd=cwd))
+    prints = manifest(cwd / "run")["final"]["replica_fingerprints"]
+    assert len(prints) == 2 and prints[0] == prints[1]

@@ -71,6 +71,17 @@ class StrategyBackend(Backend):
             lambda ctx: tf.constant(values if ctx.replica_id_in_sync_group == first else zeros))
         return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None).numpy()
 
+    def average_variables(self, variables) -> None:
+        # Keras's BatchNormalization statistics are written per replica and
+        # only averaged when read in cross-replica context; each replica's
+        # copy (the one it computes with, and the one compared) gets the mean.
+        for v in variables:
+            copies = self.strategy.experimental_local_results(tf_variable(v))
+            local = np.sum([c.numpy().astype(np.float64) for c in copies], axis=0)
+            mean = self.allreduce_sum(local) / self.num_replicas
+            for c in copies:
+                c.assign(mean.astype(c.dtype.as_numpy_dtype))
+
     def local_replica_values(self, variable):
         return [v.numpy() for v in self.strategy.experimental_local_results(tf_variable(variable))]
 
