@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from trainer.checkpoint import round_of
-from trainer.errors import UsageError
+from trainer.errors import UsageError, one_line
 from trainer.files.naming import VariableLayout
 from trainer.files.sources import H5Source, open_source
 
@@ -28,7 +28,7 @@ def inspect(path: str) -> dict:
             try:
                 variables = VariableLayout(src.config).var_of
             except Exception as e:  # noqa: BLE001  any failure to build only costs the names
-                note = f"variable names unknown: {e if isinstance(e, UsageError) else _one_line(e)}"
+                note = f"variable names unknown: {e if isinstance(e, UsageError) else one_line(e, typed=False)}"
         tensors = []
         for key in src.keys():
             shape, dtype = src.info(key)
@@ -47,10 +47,6 @@ def inspect(path: str) -> dict:
     finally:
         src.close()
 
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text[:200]
 
 
 def format_inspect(info: dict) -> str:

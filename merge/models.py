@@ -18,7 +18,7 @@ from pathlib import Path
 import keras
 
 from trainer.checkpoint import MANIFEST, read_manifest
-from trainer.errors import UsageError
+from trainer.errors import UsageError, one_line
 from trainer.files.archive import check_config, load_keras, read_keras
 from trainer.files.hdf5 import H5_ERRORS, damaged, open_h5
 from trainer.files.naming import model_from_config, registry_model
@@ -35,12 +35,6 @@ MERGE_WEIGHTS = "model.weights.h5"
 _HINT = ("give a .keras file, a run or init directory, a checkpoint directory "
          "(RUN/checkpoints/ckpt-N) or a merge output directory")
 
-
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    # Keras errors often quote the whole model config over many lines.
-    text = " ".join(str(exc).split())
-    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def source_kind(path) -> str:
@@ -162,7 +156,7 @@ def _load_merge_dir(p: Path, path) -> keras.Model:
     try:
         config = json.loads((p / MERGE_CONFIG).read_text())
     except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise UsageError(f"{p / MERGE_CONFIG}: unreadable model config ({_one_line(e)})") from None
+        raise UsageError(f"{p / MERGE_CONFIG}: unreadable model config ({one_line(e)})") from None
     if not isinstance(config, dict):
         raise UsageError(f"{p / MERGE_CONFIG}: not a Keras model config")
     check_config(config, str(p / MERGE_CONFIG))
@@ -172,7 +166,7 @@ def _load_merge_dir(p: Path, path) -> keras.Model:
         model.load_weights(str(p / MERGE_WEIGHTS))
     except Exception as e:
         raise UsageError(f"{p / MERGE_WEIGHTS}: weights do not load into the model of "
-                         f"{MERGE_CONFIG} ({_one_line(e)})") from None
+                         f"{MERGE_CONFIG} ({one_line(e)})") from None
     return model
 
 

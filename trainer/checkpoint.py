@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import UsageError, first_line
 
 MANIFEST = "manifest.json"
 FORMAT = "dptoolkit-run/1"
@@ -128,7 +128,7 @@ def read_json(path, what: str, cap: int = JSON_CAP):
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise UsageError(f"{path}: corrupt {what} ({_first_line(e)}); restore it or write it again") from None
+        raise UsageError(f"{path}: corrupt {what} ({first_line(e)}); restore it or write it again") from None
 
 
 def read_manifest(run_dir: Path) -> dict:
@@ -157,9 +157,6 @@ def read_manifest(run_dir: Path) -> dict:
 def _count(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 62
 
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
 
 
 class RunDir:

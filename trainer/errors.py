@@ -3,6 +3,22 @@ import argparse
 import sys
 
 
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message (its type if it has none):
+    libraries explain a damaged file over many lines."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
+
+
+def one_line(e: BaseException, limit: int | None = 200, typed: bool = True) -> str:
+    """The whole message on one line, `Type: message` when `typed`, cut to
+    `limit`: Keras quotes whole model configs over many lines."""
+    text = " ".join(str(e).split())
+    if typed:
+        text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    text = text or type(e).__name__
+    return text if limit is None or len(text) <= limit else text[:limit - 3] + "..."
+
+
 class UsageError(Exception):
     """Bad input: the CLI prints this as one line and exits with code 2.
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from .errors import ReplicaMismatch, UsageError
+from .errors import ReplicaMismatch, UsageError, first_line
 
 # Input shape of --data synthetic when the model has no natural one.
 SYNTHETIC_SHAPES = {"digits_cnn": (8, 8, 1), "lstm": (16, 8), "cnn_lstm": (6, 16, 16, 3)}
@@ -235,7 +235,7 @@ def _restore(o: Options, plan: dict, model, checkpoint):
         try:
             checkpoint.read(plan["resume_prefix"]).assert_existing_objects_matched()
         except (AssertionError, ValueError, tf.errors.OpError) as e:
-            raise UsageError(f"{o.out}: checkpoint does not fit this model ({_first_line(e)})") from None
+            raise UsageError(f"{o.out}: checkpoint does not fit this model ({first_line(e, 200)})") from None
         return TrainState(**plan["resume_state"])
     if o.init:
         load_initial_weights(model, o.init)
@@ -335,6 +335,3 @@ def _plan(o: Options) -> dict:
     plan.update(out=out, model={"name": model, "options": options})
     return plan
 
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

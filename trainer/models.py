@@ -27,7 +27,7 @@ from typing import Callable
 import keras
 import tensorflow as tf
 
-from trainer.errors import UsageError
+from trainer.errors import UsageError, one_line
 
 __all__ = [
     "LocalResponseNormalization",
@@ -322,10 +322,6 @@ def _choices():
     )
 
 
-def _one_line(exc):
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
 
 def _accepted_options(function, options):
     """The options ``function`` can take: all if it has **kwargs, else the named ones."""
@@ -354,7 +350,7 @@ def _build_user_model(name, input_shape, num_classes, options):
         module = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or an error raised while importing it
         raise UsageError(
-            f"model {name!r}: cannot import module {module_name!r} ({_one_line(exc)}); "
+            f"model {name!r}: cannot import module {module_name!r} ({one_line(exc, limit=None)}); "
             f"{_choices()}"
         ) from None
     function = getattr(module, function_name, None)

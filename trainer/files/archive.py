@@ -30,7 +30,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
-from trainer.errors import UsageError
+from trainer.errors import UsageError, first_line, one_line
 
 CONFIG, METADATA, WEIGHTS = "config.json", "metadata.json", "model.weights.h5"
 # Caps far above any real model's files; a config of a 1000-layer model is ~2 MB.
@@ -79,7 +79,7 @@ class KerasArchive:
             raise UsageError(f"{self.path}: no memory to inflate its {info.file_size}-byte compressed weights; "
                              "save the model again with Keras, which stores them uncompressed") from None
         except _ZIP_ERRORS as e:
-            raise UsageError(f"{self.path}: damaged .keras archive ({_first_line(e)}); "
+            raise UsageError(f"{self.path}: damaged .keras archive ({first_line(e)}); "
                              "copy it again or save the model again") from None
 
 
@@ -101,7 +101,7 @@ def read_keras(path, *, weights: bool = True) -> KerasArchive:
     except RecursionError:
         raise UsageError(f"{path}: JSON nested too deeply; not a Keras config") from None
     except _ZIP_ERRORS as e:
-        raise UsageError(f"{path}: not a readable .keras archive ({_first_line(e)}); "
+        raise UsageError(f"{path}: not a readable .keras archive ({first_line(e)}); "
                          "it is truncated or corrupt: copy it again") from None
     if not isinstance(config, dict):
         raise UsageError(f"{path}: {CONFIG} holds a {type(config).__name__}, not a Keras model config")
@@ -162,7 +162,7 @@ def _json(zf, info, path):
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path}: {info.filename} is not valid JSON ({_first_line(e)})") from None
+        raise UsageError(f"{path}: {info.filename} is not valid JSON ({first_line(e)})") from None
 
 
 def check_config(config, where: str) -> None:
@@ -225,12 +225,12 @@ def load_keras(path, where: str | None = None):
     except UsageError:
         raise
     except Exception as e:  # a bad config or weights fail in many types
-        raise UsageError(f"{where}: cannot load this .keras file ({_one_line(e)})") from None
+        raise UsageError(f"{where}: cannot load this .keras file ({one_line(e)})") from None
     # Keras only warns when it skips weights the config has and the file lacks:
     # the model would then hold fresh random values where the file's belong.
     skipped = [w for w in caught if str(w.message).startswith("Skipping")]
     if skipped:
-        raise UsageError(f"{where}: its weights do not match its config (Keras: {_one_line(skipped[0].message)}); "
+        raise UsageError(f"{where}: its weights do not match its config (Keras: {one_line(skipped[0].message)}); "
                          "the file is damaged or was assembled by hand")
     return model
 
@@ -271,11 +271,3 @@ class Window(io.RawIOBase):
         super().close()
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-
-
-def _one_line(e: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(e).split())
-    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."

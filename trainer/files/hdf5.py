@@ -14,7 +14,7 @@ becomes the same one-line `damaged HDF5` error naming the file.
 """
 from __future__ import annotations
 
-from trainer.errors import UsageError
+from trainer.errors import UsageError, first_line
 
 # Deflate, HDF5's usual filter, compresses at most ~1000:1; a larger ratio
 # is not compression but a declared shape the file never stored.
@@ -25,8 +25,7 @@ H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError,
 
 
 def damaged(where: str, e: BaseException, what: str = "") -> UsageError:
-    text = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-    return UsageError(f"{where}: damaged HDF5 ({what}{text}); copy the file again from where it was written")
+    return UsageError(f"{where}: damaged HDF5 ({what}{first_line(e)}); copy the file again from where it was written")
 
 
 def open_h5(target, where: str):

@@ -19,7 +19,7 @@ import contextlib
 import json
 import re
 
-from trainer.errors import UsageError
+from trainer.errors import UsageError, one_line
 
 _MODEL_CLASSES = {"Functional", "Sequential", "Model"}
 
@@ -183,7 +183,7 @@ def model_from_config(config: dict, where: str = "model config"):
     except UsageError:
         raise
     except Exception as e:  # Keras reports a bad config in many types
-        raise UsageError(f"{where}: Keras cannot rebuild the model ({_one_line(e)})") from None
+        raise UsageError(f"{where}: Keras cannot rebuild the model ({one_line(e, typed=False)})") from None
     if not isinstance(model, keras.Model):
         raise UsageError(f"{where}: describes a {type(model).__name__}, not a Keras model")
     return model
@@ -195,11 +195,6 @@ def _deserialize(config: dict):
     config = json.loads(json.dumps({**config, "compile_config": None}))
     return keras.saving.deserialize_keras_object(config, safe_mode=True)
 
-
-def _one_line(e: BaseException, limit: int = 200) -> str:
-    # Keras quotes whole configs over many lines.
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def registry_model(model_cfg, where: str):
@@ -219,7 +214,7 @@ def registry_model(model_cfg, where: str):
     except UsageError as e:
         raise UsageError(f"{where}: cannot rebuild its model: {e}") from None
     except Exception as e:  # options the builder does not take, sizes it cannot allocate (TF's errors)
-        raise UsageError(f"{where}: cannot rebuild its model {cfg['name']!r} ({_one_line(e)})") from None
+        raise UsageError(f"{where}: cannot rebuild its model {cfg['name']!r} ({one_line(e, typed=False)})") from None
 
 
 def config_from_model_cfg(model_cfg: dict, where: str = "run") -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.errors import UsageError
+from trainer.errors import UsageError, first_line
 
 from .archive import check_config, read_keras
 from .hdf5 import H5_ERRORS, damaged, open_h5
@@ -208,7 +208,7 @@ class TFCheckpointSource(Source):
             graph = trackable_object_graph_pb2.TrackableObjectGraph()
             graph.ParseFromString(self.reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
         except Exception as e:  # TF raises several types for a damaged bundle
-            raise UsageError(f"{prefix}: not a readable TensorFlow checkpoint ({_first_line(e)})") from None
+            raise UsageError(f"{prefix}: not a readable TensorFlow checkpoint ({first_line(e)})") from None
         self._shapes = self.reader.get_variable_to_shape_map()
         self._dtypes = self.reader.get_variable_to_dtype_map()
         masks = {}
@@ -234,7 +234,7 @@ class TFCheckpointSource(Source):
         try:
             a = self.reader.get_tensor(key)
         except Exception as e:  # TF's checkpoint reader raises OpError subclasses and others
-            raise UsageError(f"{self.path}: damaged TensorFlow checkpoint (tensor {key}: {_first_line(e)}); "
+            raise UsageError(f"{self.path}: damaged TensorFlow checkpoint (tensor {key}: {first_line(e)}); "
                              "copy it again or pick an earlier checkpoint") from None
         return a if rows is None else a[rows]
 
@@ -369,6 +369,3 @@ def _read_json(path: Path):
 def _text(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
