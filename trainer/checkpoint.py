@@ -83,7 +83,7 @@ def round_of(record: dict) -> int | None:
     (also one written before rounds were recorded), a run has its init's
     round, a merge one more than its newest input. None: not recorded."""
     r = record.get("round")
-    if isinstance(r, int) and not isinstance(r, bool) and r >= 0:
+    if is_count(r):
         return r
     return 0 if record.get("kind") == "init" else None
 
@@ -149,14 +149,14 @@ def read_manifest(run_dir: Path) -> dict:
     if manifest.get("model") is not None and not isinstance(manifest["model"], dict):
         raise UsageError(f"{path}: 'model' is a {type(manifest['model']).__name__}, not an object")
     for key in ("step", "samples_seen", "epoch", "round"):
-        if manifest.get(key) is not None and not _count(manifest[key]):
+        if manifest.get(key) is not None and not is_count(manifest[key]):
             raise UsageError(f"{path}: '{key}' is {str(manifest[key])[:40]!r}, not a count")
     return manifest
 
 
-def _count(v) -> bool:
+def is_count(v) -> bool:
+    """A non-negative int read from a file (JSON's true is no count)."""
     return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 62
-
 
 
 class RunDir:
@@ -258,7 +258,7 @@ def checkpoint_of(run_dir) -> tuple[str, dict]:
         meta = read_json(ckpt / "meta.json", "checkpoint meta.json")
     except FileNotFoundError:
         meta = None
-    if not isinstance(meta, dict) or not all(_count(meta[k]) for k in META_COUNTS if k in meta):
+    if not isinstance(meta, dict) or not all(is_count(meta[k]) for k in META_COUNTS if k in meta):
         raise UsageError(f"{ckpt / 'meta.json'}: missing, or its counts ({', '.join(META_COUNTS)}) are not "
                          "integers; the checkpoint is damaged, restore it or pick an earlier one")
     return str(ckpt / "state"), meta
@@ -280,10 +280,11 @@ def export_keras(model, path, record: dict | None = None) -> None:
 
 def read_record(path) -> dict:
     """The RECORD_KEY entry of a .keras file's metadata.json; {} for a file
-    Keras wrote alone. The archive is checked whole first (trainer.files.archive):
-    a damaged or hostile one is a UsageError."""
+    Keras wrote alone. The archive's members, sizes and config are checked
+    first (trainer.files.archive): a damaged or hostile one is a UsageError.
+    Its weights are walked when they are read, not here."""
     from .files.archive import read_keras
-    return read_keras(path).recorded
+    return read_keras(path, weights=False).recorded
 
 
 def _add_record(archive: Path, record: dict) -> None:

@@ -52,10 +52,9 @@ def load_initial_weights(model, path) -> None:
         read_into(model, src, f"--init {path}")
     finally:
         src.close()
-    check_lineage(model, path)
 
 
-def check_lineage(model, path) -> None:
+def check_lineage(model, path, kind: str | None, lineage: str | None) -> None:
     """Refuse an init whose weights are not those its lineage was taken of.
 
     Only an init (`trainer init`, kind "init") records the hash of the very
@@ -65,16 +64,12 @@ def check_lineage(model, path) -> None:
     re-hashing them would refuse every federated round. An init whose weights
     were edited but whose manifest was kept would hand every client a lineage
     that vouches for weights nobody hashed: merges of unrelated models would
-    pass the lineage check."""
-    p = Path(path)
-    if not ((p.is_dir() and (p / ck.MANIFEST).exists()) or (p.is_file() and p.suffix == ".keras")):
-        return  # a checkpoint or weights file records no lineage
-    info = read_init(p)
-    if info["kind"] != "init" or not info["lineage"]:
+    pass the lineage check. `kind` and `lineage` are what read_init found."""
+    if kind != "init" or not lineage:
         return
-    if not ck.lineage_matches(model.weights, info["lineage"]):
+    if not ck.lineage_matches(model.weights, lineage):
         raise UsageError(f"--init {path}: its weights do not match the lineage it records "
-                         f"({info['lineage'][:19]}...); they were changed after `trainer init` wrote them. "
+                         f"({lineage[:19]}...); they were changed after `trainer init` wrote them. "
                          "Start from an unmodified init, or write a new one with `python -m trainer init`")
 
 

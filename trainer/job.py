@@ -229,7 +229,7 @@ def _build(o: Options, backend, data, model_cfg: dict, prune_cfg=None):
 def _restore(o: Options, plan: dict, model, checkpoint):
     """The starting TrainState, after loading what --resume or --init names."""
     import tensorflow as tf
-    from .init import load_initial_weights
+    from .init import check_lineage, load_initial_weights
     from .loop import TrainState
     if plan["resume_prefix"]:
         try:
@@ -239,6 +239,7 @@ def _restore(o: Options, plan: dict, model, checkpoint):
         return TrainState(**plan["resume_state"])
     if o.init:
         load_initial_weights(model, o.init)
+        check_lineage(model, o.init, plan["init_kind"], plan["lineage"])
     return TrainState()
 
 
@@ -263,9 +264,7 @@ def _run_manifest(o: Options, plan: dict, backend, data, model_cfg: dict, lineag
     if not o.resume:
         # A run belongs to the round of what it starts from (0: a fresh start
         # or a `trainer init`); merging a round's runs makes the next round.
-        from .init import read_init
-        start = read_init(o.init)["round"] if o.init else 0
-        manifest.update(step=0, samples_seen=0, epoch=0, round=start)
+        manifest.update(step=0, samples_seen=0, epoch=0, round=plan["init_round"] if o.init else 0)
     return manifest
 
 
@@ -302,7 +301,7 @@ def _plan(o: Options) -> dict:
     from .files.recorded import recorded_model
     from .init import read_init
     plan = {"resume_prefix": None, "resume_state": None, "lineage": None, "init_source": None,
-            "expect_model": None, "source": None}
+            "init_kind": None, "init_round": None, "expect_model": None, "source": None}
     options = {"dropout": o.dropout, "recurrent_dropout": o.recurrent_dropout, **o.model_options}
     model = o.model
     if o.resume:
@@ -327,7 +326,8 @@ def _plan(o: Options) -> dict:
                 raise UsageError(f"--init {o.init}: written for model {info['model']['name']!r}, not {model!r}")
             model = info["model"]["name"]
             plan.update(expect_model={**info["model"], "options": options}, source=f"--init {o.init}")
-        plan.update(lineage=info.get("lineage"), init_source=str(o.init))
+        plan.update(lineage=info.get("lineage"), init_source=str(o.init), init_kind=info["kind"],
+                    init_round=info["round"])
     model = model or "digits_cnn"
     out = o.out or default_out(model, o.data)
     if not o.resume and (Path(out) / ck.MANIFEST).exists():

@@ -73,7 +73,8 @@ class Source:
     def samples(self) -> int | None:
         n = self.meta.get("samples_seen", self.manifest.get("samples_seen"))
         # Files from elsewhere: a count is an int, anything else is unknown.
-        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+        from trainer.checkpoint import is_count
+        return n if is_count(n) and n > 0 else None
 
     @property
     def model_cfg(self) -> dict | None:
