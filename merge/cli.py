@@ -55,6 +55,20 @@ def parser() -> OneLineParser:
     so.add_argument("--tau", type=float, default=1e-3, help="adaptivity (fedadam, fedyogi)")
     so.add_argument("--overwrite", action="store_true")
 
+    sc = sub.add_parser("scaffold", help="SCAFFOLD's server step: FedAvg of the clients and the new server control",
+                        description="The next global of a SCAFFOLD round: the clients' FedAvg, and the server "
+                        "control c + (1/N) sum (c_i+ - c_i) from the clients' scaffold.h5 files, written "
+                        "together into a directory the next round's clients --init from.")
+    sc.add_argument("clients", nargs="+", metavar="CLIENT_RUN", help="run directories of `trainer --scaffold`")
+    sc.add_argument("--global", dest="previous", required=True, metavar="DIR",
+                    help="the global these clients started from (a `trainer init` or the last `merge scaffold`)")
+    sc.add_argument("-o", "--out", required=True, help="the new global directory")
+    sc.add_argument("--clients", dest="total", type=int, metavar="N",
+                    help="clients in the federation, sampled or not (default: the runs given, "
+                         "i.e. every client took part)")
+    sc.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    sc.add_argument("--quiet", action="store_true", help="no progress bar")
+
     al = sub.add_parser("align", help="permute B's hidden units to match A's (weight matching)",
                         description="Weight matching: B's hidden units permuted to best match A's; the output "
                         "computes the same function as B. For chains of Dense/Conv2D layers.")
@@ -158,6 +172,17 @@ def cmd_server_step(a) -> int:
     return 0
 
 
+def cmd_scaffold(a) -> int:
+    from .scaffold import scaffold
+    s, warnings = scaffold(a.previous, a.clients, a.out, a.total, a.overwrite, a.quiet)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    sc = s["scaffold"]
+    print(f"scaffold of {sc['sampled']} of {sc['clients']} clients -> {s['out']} (round "
+          f"{s['round'] if s.get('round') is not None else '?'}; server control in {s['out']}/{sc['file']})")
+    return 0
+
+
 def cmd_align(a) -> int:
     from trainer.checkpoint import export_keras
 
@@ -232,7 +257,7 @@ def cmd_evaluate(a) -> int:
     return 0
 
 
-COMMANDS = {"fedavg": cmd_fedavg, "server-step": cmd_server_step, "align": cmd_align, "barrier": cmd_barrier, "auto": cmd_auto, "ensemble": cmd_ensemble, "inspect": cmd_inspect, "diff": cmd_diff,
+COMMANDS = {"fedavg": cmd_fedavg, "server-step": cmd_server_step, "scaffold": cmd_scaffold, "align": cmd_align, "barrier": cmd_barrier, "auto": cmd_auto, "ensemble": cmd_ensemble, "inspect": cmd_inspect, "diff": cmd_diff,
             "evaluate": cmd_evaluate}
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -44,6 +46,8 @@ class Options:
     labels: list[str] | None = None   # how the manifest names the inputs (aligned copies are temporary)
     input_rounds: list[int | None] | None = None  # the rounds of what `labels` names
     warnings: list[str] = field(default_factory=list)
+    method: str = "fedavg"
+    stage: "Callable[[Path], dict] | None" = None  # writes beside the weights, returns manifest entries
 
 
 def validate(o: Options) -> None:
@@ -77,7 +81,6 @@ def _aligned(o: Options) -> dict:
     import shutil
     import tempfile
     from dataclasses import replace
-    from pathlib import Path
 
     from trainer.checkpoint import export_keras
 
@@ -115,7 +118,6 @@ def _aligned(o: Options) -> dict:
 def _recalibrate(o: Options) -> int:
     """Batch-norm statistics of the merged model recomputed on --data, written back atomically."""
     import os
-    from pathlib import Path
 
     from trainer.checkpoint import export_keras
 
@@ -161,7 +163,7 @@ def _fedavg(o: Options) -> dict:
         try:
             sparsity = _stream(inputs, keys, weights, rule, writer, o)
             manifest = {
-                "kind": "merge", "method": "fedavg", "aggregator": o.aggregator,
+                "kind": "merge", "method": o.method, "aggregator": o.aggregator,
                 "krum_choice": None if chosen is None else inputs.sources[chosen].path,
                 "mask_policy": policy if masked else None,
                 "model": inputs.sources[0].model_cfg, "lineage": lineage, "round": round_,
@@ -172,6 +174,8 @@ def _fedavg(o: Options) -> dict:
                 "sparsity": sparsity, "versions": package_versions(), "step": 0,
                 "paired_by_place": inputs.renamed or None,
             }
+            if o.stage:
+                manifest.update(o.stage(writer.tmp))
             check = _check_merged(writer, inputs, manifest, o) if o.data else None
             writer.commit(manifest, o.overwrite)
         except BaseException:

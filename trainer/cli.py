@@ -53,6 +53,10 @@ def train_parser() -> argparse.ArgumentParser:
     a("--split", default="iid", help="iid | dirichlet:ALPHA | classes:C (default iid)")
     a("--split-seed", type=int, help="seed of the client split (default --seed); the same for every client")
     a("--prox-mu", type=float, help="federated: FedProx proximal term mu/2 ||w - w_start||^2 (0 = plain FedAvg)")
+    a("--scaffold", nargs="?", const="", metavar="PREV_RUN",
+      help="federated: SCAFFOLD client. Corrects every step by c - c_i (server control from --init's "
+           "scaffold.h5, client control from PREV_RUN, this client's previous run; omit PREV_RUN in its first "
+           "round) and writes the new c_i to RUN/scaffold.h5 for `python -m merge scaffold`")
     a("--dropout", type=float, default=0.0, help="lstm: input dropout")
     a("--recurrent-dropout", type=float, default=0.0, help="lstm: recurrent dropout")
     a("--quiet", action="store_true", help="no progress bar")

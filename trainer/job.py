@@ -46,6 +46,7 @@ class Options:
     split: str = "iid"
     split_seed: int | None = None
     prox_mu: float | None = None
+    scaffold: str | None = None  # None: off; "": the client's first round; else its previous run
     dropout: float = 0.0
     recurrent_dropout: float = 0.0
     quiet: bool = False
@@ -82,6 +83,9 @@ def validate(o: Options) -> None:
         raise UsageError(f"--prox-mu must be a finite number >= 0, got {o.prox_mu}")
     if o.resume and o.init:
         raise UsageError("--resume and --init exclude each other: a resumed run keeps its own start")
+    if o.scaffold is not None and not (o.init or o.resume):
+        raise UsageError("--scaffold trains a client from the round's global: pass --init GLOBAL "
+                         "(the directory `python -m merge scaffold` or `trainer init` wrote)")
     if o.verify_every_steps < 0:
         raise UsageError(f"--verify-every-steps must be 0 (only at checkpoints) or more, got {o.verify_every_steps}")
 
@@ -148,6 +152,10 @@ def run(o: Options) -> dict:
     if o.backend == "mirrored":
         configure_logical_devices(o.devices)
     backend = create(o.backend, fp16_allreduce=o.fp16_allreduce, devices=o.devices, pin_cores=o.pin_cores)
+    if o.scaffold is not None and backend.name in ("mirrored", "multiworker"):
+        raise UsageError(f"--scaffold runs on the single and horovod backends, not {backend.name}: "
+                         "tf.distribute sums gradients inside apply_gradients, after the hook that "
+                         "needs the summed gradient")
 
     from . import checkpoint as ck
     from .agreement import WeightCheck
@@ -160,11 +168,13 @@ def run(o: Options) -> dict:
     if plan["expect_model"] and plan["expect_model"] != model_cfg:
         raise UsageError(f"{plan['source']}: was written for model {plan['expect_model']}, "
                          f"not {model_cfg}; pass matching --model/--data")
-    model, optimizer, masks, prox, checkpoint = _build(o, backend, data, model_cfg, prune_cfg)
-    state = backend.load_shared(lambda: _restore(o, plan, model, checkpoint))
+    model, optimizer, masks, prox, scaffold, checkpoint = _build(o, backend, data, model_cfg, prune_cfg)
+    state = backend.load_shared(lambda: _restore(o, plan, model, checkpoint, scaffold))
     backend.broadcast_variables(model.variables + optimizer.variables + masks.variables
-                                + (prox.anchor if prox else []))
+                                + (prox.anchor if prox else []) + (scaffold.variables_to_sync if scaffold else []))
     check = WeightCheck(backend, model, o.verify_every_steps)
+    if scaffold:  # the controls must agree across ranks as the weights do
+        check.named.update(scaffold.named())
     if o.resume or o.init:
         # Under Horovod only rank 0 read, so this proves the broadcast; under
         # tf.distribute every worker read its own copy of the files.
@@ -196,7 +206,12 @@ def run(o: Options) -> dict:
     hooks["after_step"] = [*hooks["after_step"], check.after_step]
     if prox:  # before the masks, so a masked gradient stays exactly zero
         hooks["grad_hooks"] = [prox.grad_hook, *hooks["grad_hooks"]]
+    if scaffold:  # first: it sums the raw gradients, before any term is added
+        hooks["grad_hooks"] = [scaffold.grad_hook, *hooks["grad_hooks"]]
     speed = train(model, optimizer, backend, data, cfg, state, reporter, save, **hooks)
+    if scaffold and run_dir:
+        recorded = run_dir.manifest()
+        scaffold.write(run_dir.path, recorded.get("lineage"), recorded.get("round"))
     return _finish(backend, model, data, run_dir, reporter, speed, state, plan["out"], masks, check)
 
 
@@ -217,16 +232,20 @@ def _build(o: Options, backend, data, model_cfg: dict, prune_cfg=None):
         optimizer.build(model.trainable_variables)
     total_steps = o.max_steps or o.epochs * steps_per_epoch
     masks = Masking(o, model, backend, total_steps, prune_cfg)
-    prox = None
+    prox = scaffold = None
     extra = masks.checkpoint_entries()
     if o.prox_mu is not None:
         from .proximal import Proximal
         prox = Proximal(model, backend, o.prox_mu)
         extra.update(prox.checkpoint_entries)
-    return model, optimizer, masks, prox, ck.state_checkpoint(model, optimizer, **extra)
+    if o.scaffold is not None:
+        from .scaffold import Scaffold
+        scaffold = Scaffold(model, backend)
+        extra.update(scaffold.checkpoint_entries)
+    return model, optimizer, masks, prox, scaffold, ck.state_checkpoint(model, optimizer, **extra)
 
 
-def _restore(o: Options, plan: dict, model, checkpoint):
+def _restore(o: Options, plan: dict, model, checkpoint, scaffold=None):
     """The starting TrainState, after loading what --resume or --init names."""
     import tensorflow as tf
     from .init import check_lineage, load_initial_weights
@@ -240,7 +259,22 @@ def _restore(o: Options, plan: dict, model, checkpoint):
     if o.init:
         load_initial_weights(model, o.init)
         check_lineage(model, o.init, plan["init_kind"], plan["lineage"])
+        if scaffold:
+            scaffold.load(_server_control(o, plan), o.scaffold or None, plan["lineage"], plan["init_round"],
+                          f"--init {o.init}")
     return TrainState()
+
+
+def _server_control(o: Options, plan: dict):
+    """The global's control file; None (zeros) only for a fresh start."""
+    from .files import controls
+    path = controls.path_of(o.init)
+    if Path(o.init).is_dir() and path.is_file():
+        return path
+    if plan["init_kind"] == "init" or plan["init_round"] == 0:
+        return None
+    raise UsageError(f"--init {o.init}: holds no SCAFFOLD server control ({controls.FILE}); --scaffold starts "
+                     "from a `trainer init` directory or a global directory written by `python -m merge scaffold`")
 
 
 def _run_manifest(o: Options, plan: dict, backend, data, model_cfg: dict, lineage: str) -> dict:
@@ -259,6 +293,7 @@ def _run_manifest(o: Options, plan: dict, backend, data, model_cfg: dict, lineag
                       "batch_size_per_replica": o.batch_size, "accum_steps": o.accum_steps},
         "seed": o.seed,
         "prox_mu": o.prox_mu,
+        "scaffold": None if o.scaffold is None else {"previous": o.scaffold or None, "file": "scaffold.h5"},
         "versions": ck.package_versions(),
     }
     if not o.resume:
@@ -310,6 +345,9 @@ def _plan(o: Options) -> dict:
         if model and model != recorded["name"]:
             raise UsageError(f"--resume {o.out}: that run trains model {recorded['name']!r}, "
                              f"not {model!r}; drop --model or pick another --out")
+        if (manifest.get("scaffold") is not None) != (o.scaffold is not None):
+            raise UsageError(f"--resume {o.out}: that run was {'' if manifest.get('scaffold') else 'not '}a SCAFFOLD "
+                             f"client; {'add' if manifest.get('scaffold') else 'drop'} --scaffold")
         prefix, meta = ck.checkpoint_of(Path(o.out))
         if not all(k in meta for k in ck.META_COUNTS):
             raise UsageError(f"--resume {o.out}: its checkpoint's meta.json lacks {', '.join(ck.META_COUNTS)}; "
