@@ -62,7 +62,15 @@ def parser() -> OneLineParser:
                    "trimmed-mean:BETA | krum:F")
     f.add_argument("--server-opt", choices=("fedavgm", "fedadam", "fedyogi"),
                    help="a server optimizer on each round's average (default: the average is the new global)")
-    f.add_argument("--server-lr", type=float, default=1.0)
+    f.add_argument("--server-lr", type=float, default=1.0, help="step size of --server-opt (default 1)")
+    f.add_argument("--algorithm", default="fedavg", help="fedavg | fedprox (clients add mu/2 ||w - w_global||^2) "
+                   "| scaffold (control variates against client drift; merge scaffold) (default fedavg)")
+    f.add_argument("--prox-mu", type=float, help="fedprox: mu (default 0.01)")
+    f.add_argument("--clients-per-round", type=int, metavar="K",
+                   help="sample K clients per round, seeded by --seed and the round (default: all)")
+    f.add_argument("--simulate", action="store_true",
+                   help="train every client in this process, one TensorFlow runtime, weights swapped in and out; "
+                        "writes the globals, not the client runs")
     f.add_argument("--quiet", action="store_true")
     f.add_argument("cmd", nargs="*", help="extra trainer flags, after --")
     return p
@@ -108,7 +116,8 @@ def cmd_federated(a) -> int:
     plan = Plan(out=Path(a.out), clients=a.clients, rounds=a.rounds, local_epochs=a.local_epochs, split=a.split,
                 model=a.model, data=a.data, data_dir=a.data_dir, seed=a.seed, np=a.np, init=a.init,
                 aggregator=a.aggregator, server_opt=a.server_opt, server_lr=a.server_lr,
-                trainer_args=a.cmd, quiet=a.quiet)
+                trainer_args=a.cmd, quiet=a.quiet, algorithm=a.algorithm, prox_mu=a.prox_mu,
+                clients_per_round=a.clients_per_round, simulate=a.simulate)
     try:
         rows = run(plan, log=lambda line: print(line, flush=True))
     except RuntimeError as e:  # a client or merge failed: its own message says why

@@ -61,6 +61,13 @@ class FedYogi(FedAdam):
 RULES = {"fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi}
 
 
+def step_tensor(opt: ServerRule, previous: np.ndarray, average: np.ndarray, slots: dict) -> np.ndarray:
+    """One tensor's new global value; `slots` ({slot: float64 array}) updated in place."""
+    x64 = np.asarray(previous, np.float64)
+    delta = np.asarray(average, np.float64) - x64
+    return opt.update(x64, delta, slots).astype(np.asarray(previous).dtype)
+
+
 def server_step(prev: str, average: str, out: str, rule: str, state: str, lr: float = 1.0,
                 beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3, overwrite: bool = False) -> dict:
     """New global = rule(previous global, this round's FedAvg). `state` is
@@ -86,12 +93,9 @@ def server_step(prev: str, average: str, out: str, rule: str, state: str, lr: fl
                     if not np.issubdtype(dtype, np.floating):
                         writer.create(inputs.output_key(key), shape, dtype)[()] = x
                         continue
-                    x64 = x.astype(np.float64)
-                    delta = np.asarray(b.read(key), dtype=np.float64) - x64
                     slots = {s: (old[f"{s}/{key}"][()] if old is not None and f"{s}/{key}" in old
                                  else np.zeros(shape)) for s in opt.slots}
-                    value = opt.update(x64, delta, slots)
-                    writer.create(inputs.output_key(key), shape, dtype)[()] = value.astype(dtype)
+                    writer.create(inputs.output_key(key), shape, dtype)[()] = step_tensor(opt, x, b.read(key), slots)
                     for s, v in slots.items():
                         new_state.create_dataset(f"{s}/{key}", data=v)
             manifest = {**_manifest_of(b), "kind": "merge", "method": f"server:{rule}",

@@ -129,16 +129,18 @@ def _split_seed(o: Options) -> int:
 
 def load_data(o: Options, model: str):
     from .data import load_dataset
-    from .splits import client_indices
     shape = SYNTHETIC_SHAPES.get(model, DEFAULT_SYNTHETIC_SHAPE)
     data = load_dataset(o.data, o.data_dir, synthetic_shape=shape, seed=o.seed)
-    if o.clients is not None:
-        idx = client_indices(data.y_train, o.client, o.clients, o.split, _split_seed(o), num_classes=data.num_classes)
-        if len(idx) == 0:
-            raise UsageError(f"client {o.client} of {o.clients} gets no samples under --split {o.split}")
-        data = type(data)(data.name, data.x_train[idx], data.y_train[idx], data.x_test, data.y_test,
-                          data.num_classes)
-    return data
+    return data if o.clients is None else client_share(data, o)
+
+
+def client_share(data, o: Options):
+    """The training samples of client `o.client` (test set unchanged)."""
+    from .splits import client_indices
+    idx = client_indices(data.y_train, o.client, o.clients, o.split, _split_seed(o), num_classes=data.num_classes)
+    if len(idx) == 0:
+        raise UsageError(f"client {o.client} of {o.clients} gets no samples under --split {o.split}")
+    return type(data)(data.name, data.x_train[idx], data.y_train[idx], data.x_test, data.y_test, data.num_classes)
 
 
 def run(o: Options) -> dict:

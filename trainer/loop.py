@@ -119,14 +119,17 @@ class LoopConfig:
 
 def train(model, optimizer, backend: Backend, data, cfg: LoopConfig, state: TrainState,
           reporter, save: Callable[[TrainState], None], grad_hooks=(), after_update=(),
-          before_step: Sequence[Callable[[int], None]] = (), after_step: Sequence[Callable[[int], None]] = ()) -> dict:
+          before_step: Sequence[Callable[[int], None]] = (), after_step: Sequence[Callable[[int], None]] = (),
+          step=None) -> dict:
     """Run epochs from `state` on; return throughput figures.
 
     `grad_hooks` and `after_update` run inside the compiled step;
     `before_step` and `after_step` run in Python between steps, on every
-    process, with the global step number (mask updates, checks).
+    process, with the global step number (mask updates, checks). `step`, a
+    step made earlier by `backend.make_step` for this model and optimizer,
+    is reused instead (simulated clients: one trace for all of them).
     """
-    step = backend.make_step(make_replica_step(model, optimizer, backend, cfg.accum_steps, grad_hooks, after_update))
+    step = step or backend.make_step(make_replica_step(model, optimizer, backend, cfg.accum_steps, grad_hooks, after_update))
     stateful = is_stateful(model)
     replicas, local = backend.num_replicas, backend.local_replicas
     global_batch = cfg.batch_size * cfg.accum_steps * replicas
