@@ -1,4 +1,4 @@
-"""python -m bench [scaling|pruning|fedavg|merge|robust|align] [flags]: run benchmarks (all without a
+"""python -m bench [scaling|pruning|fedavg|merge|robust|align|federated] [flags]: run benchmarks (all without a
 name) and record each in its section of docs/benchmarks.md."""
 import sys
 
@@ -6,11 +6,11 @@ from trainer.quiet import install
 
 install()  # before anything imports tensorflow
 
-from . import align_evidence, fedavg_evidence, merge_stream, pruning, robust_evidence, scaling
+from . import align_evidence, fedavg_evidence, federated, merge_stream, pruning, robust_evidence, scaling
 
 BENCHMARKS = {"scaling": scaling.main, "pruning": pruning.main, "fedavg": fedavg_evidence.main,
               "merge": merge_stream.main, "robust": robust_evidence.main,
-              "align": align_evidence.main}
+              "align": align_evidence.main, "federated": federated.main}
 
 if __name__ == "__main__":
     args = sys.argv[1:]

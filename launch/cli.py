@@ -71,6 +71,9 @@ def parser() -> OneLineParser:
     f.add_argument("--simulate", action="store_true",
                    help="train every client in this process, one TensorFlow runtime, weights swapped in and out; "
                         "writes the globals, not the client runs")
+    f.add_argument("--lr-decay", type=float, default=1.0, metavar="GAMMA",
+                   help="clients train round r at --lr x GAMMA^(r-1), a local learning-rate schedule "
+                        "(default 1: constant)")
     f.add_argument("--quiet", action="store_true")
     f.add_argument("cmd", nargs="*", help="extra trainer flags, after --")
     return p
@@ -117,7 +120,7 @@ def cmd_federated(a) -> int:
                 model=a.model, data=a.data, data_dir=a.data_dir, seed=a.seed, np=a.np, init=a.init,
                 aggregator=a.aggregator, server_opt=a.server_opt, server_lr=a.server_lr,
                 trainer_args=a.cmd, quiet=a.quiet, algorithm=a.algorithm, prox_mu=a.prox_mu,
-                clients_per_round=a.clients_per_round, simulate=a.simulate)
+                clients_per_round=a.clients_per_round, simulate=a.simulate, lr_decay=a.lr_decay)
     try:
         rows = run(plan, log=lambda line: print(line, flush=True))
     except RuntimeError as e:  # a client or merge failed: its own message says why

@@ -51,6 +51,7 @@ class Plan:
     prox_mu: float | None = None      # fedprox's mu (default 0.01)
     clients_per_round: int | None = None
     simulate: bool = False
+    lr_decay: float = 1.0             # client --lr x lr_decay^(round - 1)
 
     def validate(self) -> None:
         for name in ("clients", "rounds", "local_epochs", "np"):
@@ -70,15 +71,20 @@ class Plan:
                 raise UsageError(f"{flag} after --: launch federated sets it for every client; use "
                                  f"{'--algorithm fedprox --prox-mu' if flag == '--prox-mu' else 'its launch option'}"
                                  " instead")
-        if self.algorithm == "scaffold" and (self.server_opt or self.aggregator != "mean"):
-            raise UsageError("--algorithm scaffold has its own server step (merge scaffold): drop --server-opt "
-                             "and --aggregator")
+        if self.algorithm == "scaffold" and self.aggregator != "mean":
+            raise UsageError("--algorithm scaffold averages with its own server step (merge scaffold): "
+                             "drop --aggregator")
+        if not 0 < self.lr_decay <= 1:
+            raise UsageError(f"--lr-decay {self.lr_decay}: must be in (0, 1] (1: the same --lr every round)")
         if not self.server_lr > 0:
             raise UsageError(f"--server-lr {self.server_lr}: must be > 0")
         if self.simulate and self.np > 1:
             raise UsageError("--simulate runs every client in this process, one replica each; drop --np")
         if self.simulate and self.aggregator.startswith("krum"):
             raise UsageError("--aggregator krum is not simulated; drop --simulate")
+        if self.simulate:
+            from trainer.simulate import check
+            check(self.client_options(self.init or "init"))
         if self.out.exists() and any(self.out.iterdir()):
             raise UsageError(f"--out {self.out} is not empty; choose a new directory")
         if self.np > 1 and not shutil.which("horovodrun"):
@@ -100,14 +106,33 @@ class Plan:
     def client_seed(self, r: int, k: int) -> int:
         return self.seed + r * 1000 + k
 
-    def client_args(self, init) -> list[str]:
-        """Trainer flags every client of a round shares (--client, --seed, --out and
+    def client_lr(self, r: int) -> float:
+        """Round r's client learning rate: the trainer's --lr (given after --, or
+        its default) decayed by --lr-decay per round."""
+        from trainer.cli import train_parser
+        base = train_parser().parse_args(["--client", "0", "--clients", "1", *self.trainer_args]).lr
+        return base * self.lr_decay ** (r - 1)
+
+    def client_args(self, init, r: int = 1) -> list[str]:
+        """Trainer flags every client of round r shares (--client, --seed, --out and
         SCAFFOLD's previous run are per client)."""
         algorithm = {"fedprox": ["--prox-mu", 0.01 if self.prox_mu is None else self.prox_mu]}.get(self.algorithm, [])
         return [str(a) for a in ("--init", init, "--clients", self.clients, "--split", self.split,
                                  "--split-seed", self.seed, "--epochs", self.local_epochs, "--data", self.data,
                                  "--quiet", *(["--data-dir", self.data_dir] if self.data_dir else []),
-                                 *algorithm, *self.trainer_args)]
+                                 *algorithm, *self.trainer_args,
+                                 *(["--lr", repr(self.client_lr(r))] if self.lr_decay != 1 else []))]
+
+    def client_options(self, init):
+        """The trainer Options of round 1's clients, from the trainer's own
+        parser given the process path's command line: the same flags mean
+        the same training."""
+        from trainer.cli import train_parser
+        from trainer.job import Options
+        args = ["--client", "0", *self.client_args(init), *(["--scaffold"] if self.algorithm == "scaffold" else [])]
+        parsed = vars(train_parser().parse_args(args))
+        parsed["prune"] = parsed["prune"] or parsed["structured"]
+        return Options(**parsed)
 
     def _check_shares(self) -> None:
         """Every client must get data; fail before any training starts."""
@@ -146,7 +171,7 @@ class Processes:
         clients = [round_dir / f"client-{k}" for k in sampled]
         for k, client_dir in zip(sampled, clients):
             cmd = _python("trainer", "--client", k, "--seed", plan.client_seed(r, k), "--out", client_dir,
-                          *plan.client_args(current))
+                          *plan.client_args(current, r))
             if plan.algorithm == "scaffold":
                 cmd += ["--scaffold", *([str(self.last[k])] if k in self.last else [])]
             if plan.np > 1:
@@ -154,17 +179,17 @@ class Processes:
             _check(cmd, f"round {r} client {k}")
             self.last[k] = client_dir
         merged = round_dir / "global"
+        average = round_dir / "average" if plan.server_opt else merged
         if plan.algorithm == "scaffold":
-            _check(_python("merge", "scaffold", *clients, "--global", current, "-o", merged, "--clients",
+            _check(_python("merge", "scaffold", *clients, "--global", current, "-o", average, "--clients",
                            plan.clients, "--quiet"), f"round {r} scaffold")
         else:
-            average = round_dir / "average" if plan.server_opt else merged
             _check(_python("merge", "fedavg", *clients, "-o", average, "--quiet", "--aggregator", plan.aggregator),
                    f"round {r} fedavg")
-            if plan.server_opt:  # FedAvgM / FedAdam / FedYogi: the average is a pseudo-gradient
-                _check(_python("merge", "server-step", current, average, "-o", merged, "--optimizer",
-                               plan.server_opt, "--server-lr", plan.server_lr, "--state",
-                               plan.out / "server_state.h5"), f"round {r} server step")
+        if plan.server_opt:  # FedAvgM / FedAdam / FedYogi: the average is a pseudo-gradient
+            _check(_python("merge", "server-step", current, average, "-o", merged, "--optimizer",
+                           plan.server_opt, "--server-lr", plan.server_lr, "--state",
+                           plan.out / "server_state.h5"), f"round {r} server step")
         scores = evaluate([*map(str, clients), str(merged)], plan.data, plan.data_dir)
         return merged, [s["accuracy"] for s in scores[:-1]], scores[-1]
 
@@ -173,16 +198,10 @@ class Simulated:
     """A round in this process (trainer.simulate), aggregated in memory."""
 
     def __init__(self, plan: Plan, init):
-        from trainer.cli import train_parser
         from trainer.files import controls
-        from trainer.job import Options
         from trainer.simulate import Simulation
         self.plan = plan
-        # The clients' options come from the trainer's own parser, given the
-        # process path's command line: the same flags mean the same training.
-        args = vars(train_parser().parse_args(["--client", "0", *plan.client_args(init)]
-                                              + (["--scaffold"] if plan.algorithm == "scaffold" else [])))
-        self.sim = Simulation(Options(**args))
+        self.sim = Simulation(plan.client_options(init))
         self.weights = self.sim.weights()
         self.controls: dict[int, dict] = {}
         self.server = None
@@ -196,6 +215,7 @@ class Simulated:
         from merge.scaffold import server_control
         from merge.server import RULES, step_tensor
         plan = self.plan
+        self.sim.set_lr(plan.client_lr(r))
         results = [self.sim.client(k, plan.client_seed(r, k), self.weights, self.server, self.controls.get(k))
                    for k in sampled]
         total = float(sum(res.samples for res in results))

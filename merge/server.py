@@ -102,6 +102,7 @@ def server_step(prev: str, average: str, out: str, rule: str, state: str, lr: fl
                         "server": {"rule": rule, "lr": lr, "beta1": beta1, "beta2": beta2, "tau": tau,
                                    "previous": a.path, "average": b.path},
                         "versions": package_versions(), "paired_by_place": inputs.renamed or None}
+            _carry_controls(average, writer.tmp, manifest, b.manifest)
             writer.commit(manifest, overwrite)
             manifest["pairing"] = inputs.pairing_note()
         except BaseException:
@@ -113,6 +114,19 @@ def server_step(prev: str, average: str, out: str, rule: str, state: str, lr: fl
                 old.close()
         tmp_state.replace(state_path)
     return manifest
+
+
+def _carry_controls(average: str, staged: Path, manifest: dict, recorded: dict) -> None:
+    """A SCAFFOLD average (merge scaffold) keeps its server control: the
+    server optimizer moves the weights, not c. Copied as bytes; whoever
+    reads it (trainer --scaffold, merge scaffold) checks it."""
+    import shutil
+
+    from trainer.files import controls
+    src = controls.path_of(average)
+    if Path(average).is_dir() and src.is_file():
+        shutil.copyfile(src, staged / controls.FILE)
+        manifest["scaffold"] = recorded.get("scaffold")
 
 
 def _manifest_of(source) -> dict:

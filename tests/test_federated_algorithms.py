@@ -20,8 +20,9 @@ import pytest
 from conftest import horovodrun, keras_weights, manifest, ok, run, trainer
 
 LR = 0.05
+DECAY = 0.5  # round 2 trains at LR / 2: the reference sees it through option II's 1 / (K lr)
 CLIENTS = ["--clients", "3", "--clients-per-round", "2", "--rounds", "2", "--split", "dirichlet:0.5",
-           "--model", "mlp", "--init", "init"]
+           "--model", "mlp", "--init", "init", "--lr-decay", str(DECAY)]
 SGD = ["--", "--optimizer", "sgd", "--lr", str(LR)]
 
 
@@ -76,8 +77,10 @@ def test_scaffold_matches_a_numpy_reference_over_two_rounds_with_partial_partici
             y = trainable(run_dir / "model.keras")
             got = controls(run_dir)
             K = steps(run_dir)
+            lr = LR * DECAY ** (r - 1)
+            assert manifest(run_dir)["optimizer"]["lr"] == lr
             for n in x:  # option II: c_i+ = c_i - c + (x - y) / (K lr)
-                want = c_i[k][n] - c[n] + (x[n] - y[n]) / (K * LR)
+                want = c_i[k][n] - c[n] + (x[n] - y[n]) / (K * lr)
                 np.testing.assert_allclose(got[n], want, atol=2e-5 * max(1.0, np.abs(want).max()), err_msg=n)
             ys[k], new_c_i[k], counts[k] = y, got, manifest(run_dir)["samples_seen"]
         total = sum(counts.values())
@@ -112,6 +115,7 @@ def test_simulate_gives_the_process_path_global_model(fed):
     ok(trainer("--init", "sim/round-002/global", "--client", "0", "--clients", "3", "--split", "dirichlet:0.5",
                "--epochs", "1", "--scaffold", "proc/round-002/client-0", "--out", "next", "--quiet",
                "--optimizer", "sgd", "--lr", str(LR), cwd=fed))
+    assert manifest(fed / "next")["round"] == 2
 
 
 def test_fedavg_is_the_by_hand_flow_bit_for_bit_and_scaffolds_first_round(fed):
@@ -163,12 +167,13 @@ def one_line_error(proc, *fragments):
     (["--clients-per-round", "4"], "--clients-per-round 4"),
     (["--prox-mu", "0.1"], "--prox-mu is FedProx's mu; add --algorithm fedprox"),
     (["--algorithm", "fedprox", "--prox-mu", "-1"], "--prox-mu -1.0: must be a finite number >= 0"),
-    (["--algorithm", "scaffold", "--server-opt", "fedadam"], "--algorithm scaffold has its own server step"),
-    (["--algorithm", "scaffold", "--aggregator", "median"], "--algorithm scaffold has its own server step"),
+    (["--algorithm", "scaffold", "--aggregator", "median"], "--algorithm scaffold averages with its own server"),
     (["--simulate", "--np", "2"], "--simulate runs every client in this process"),
     (["--simulate", "--aggregator", "krum:0"], "krum is not simulated"),
     (["--algorithm", "fedprox", "--", "--prox-mu", "0.1"], "--prox-mu after --: launch federated sets it"),
     (["--simulate", "--", "--prune"], "--prune/--structured is not supported with --simulate"),
+    (["--lr-decay", "0"], "--lr-decay 0.0: must be in (0, 1]"),
+    (["--", "--epochs", "3"], "--epochs after --: launch federated sets it for every client"),
 ])
 def test_bad_federated_flags_exit_2_with_one_line(tmp_path, args, fragment):
     one_line_error(launch("federated", "--clients", "3", "--rounds", "1", "--model", "mlp", "--out", "fed", *args,

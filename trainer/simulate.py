@@ -33,18 +33,24 @@ class ClientResult:
     delta: dict | None       # SCAFFOLD: c_i+ - c_i
 
 
+def check(o: Options) -> None:
+    """UsageError for client options a simulated client cannot honour."""
+    from .job import validate
+    for flag, on in (("--prune/--structured", o.prune or o.structured), ("--freeze", o.freeze),
+                     ("--resume", o.resume), ("--max-steps", o.max_steps),
+                     ("--backend " + o.backend, o.backend not in ("auto", "single"))):
+        if on:
+            raise UsageError(f"{flag} is not supported with --simulate; run the clients as processes "
+                             "(drop --simulate)")
+    validate(o)
+
+
 class Simulation:
     def __init__(self, o: Options):
         """`o`: the client options every client shares (--init is the first
         global; --client/--seed are set per client)."""
-        for flag, on in (("--prune/--structured", o.prune or o.structured), ("--freeze", o.freeze),
-                         ("--resume", o.resume), ("--max-steps", o.max_steps),
-                         ("--backend " + o.backend, o.backend not in ("auto", "single"))):
-            if on:
-                raise UsageError(f"{flag} is not supported with --simulate; run the clients as processes "
-                                 "(drop --simulate)")
-        from .job import _build, _plan, _restore, configure_threads, load_data, validate
-        validate(o)
+        from .job import _build, _plan, _restore, configure_threads, load_data
+        check(o)
         configure_threads(o.threads)
         from .backends.base import Backend
         from .loop import make_replica_step
@@ -62,10 +68,26 @@ class Simulation:
             hooks["grad_hooks"] = [self.prox.grad_hook, *hooks["grad_hooks"]]
         if self.scaffold:
             hooks["grad_hooks"] = [self.scaffold.grad_hook, *hooks["grad_hooks"]]
-        self.before, self.after = hooks["before_step"], hooks["after_step"]
+        self.hooks = hooks
+        self.lr = o.lr
         self.step = self.backend.make_step(make_replica_step(self.model, self.optimizer, self.backend,
                                                              o.accum_steps, hooks["grad_hooks"],
                                                              hooks["after_update"]))
+
+    def set_lr(self, lr: float) -> None:
+        """Clients train at `lr` from now on (a per-round schedule): a new
+        optimizer, as each client process would build with its --lr, and
+        one new trace of the step."""
+        if lr == self.lr:
+            return
+        from .loop import make_replica_step
+        from .optim import make_optimizer
+        self.optimizer = make_optimizer(self.o.optimizer, lr, 1, 0)  # one replica: no scaling, no warmup
+        self.optimizer.build(self.model.trainable_variables)
+        self.step = self.backend.make_step(make_replica_step(self.model, self.optimizer, self.backend,
+                                                             self.o.accum_steps, self.hooks["grad_hooks"],
+                                                             self.hooks["after_update"]))
+        self.lr = lr
 
     def weights(self) -> list:
         return [np.array(v.numpy()) for v in self.model.weights]
@@ -95,7 +117,7 @@ class Simulation:
         cfg = LoopConfig(epochs=o.epochs, batch_size=o.batch_size, seed=seed, accum_steps=o.accum_steps,
                          evaluate_every_epoch=False)
         train(self.model, self.optimizer, self.backend, data, cfg, state, Reporter(), lambda st: None,
-              before_step=self.before, after_step=self.after, step=self.step)
+              before_step=self.hooks["before_step"], after_step=self.hooks["after_step"], step=self.step)
         accuracy = evaluate(self.model, data.x_test, data.y_test, self.backend)["accuracy"]
         new = delta = None
         if self.scaffold:
