@@ -132,6 +132,7 @@ def plot(path: Path, results: dict) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from trainer.checkpoint import atomic_write
     fig, axes = plt.subplots(1, len(SETTINGS), figsize=(5 * len(SETTINGS), 4))
@@ -146,6 +147,7 @@ def plot(path: Path, results: dict) -> None:
                        label=f"{s.target} x centralized")
         ax.set(title=f"{s.clients} clients, {s.split}" + (f", {s.per_round}/round" if s.per_round else ""),
                xlabel="round (centralized: epoch)", ylabel="test accuracy (digits)", ylim=(0, 1))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -154,7 +156,6 @@ def plot(path: Path, results: dict) -> None:
 
 
 def report(results: dict, spd: dict, minutes: float) -> str:
-    import numpy as np  # noqa: F401  (the environment's, as the runs')
     lines = [f"## Federated learning on non-IID clients (digits_cnn, digits)\n",
              f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} with 2 cores ({_cpu_name()}), Python "
              f"{platform.python_version()} ({minutes:.1f} min in all). `python -m bench federated` reproduces it.\n",
