@@ -57,3 +57,16 @@ def test_proximal_clients_merge_without_their_anchors(runs):
     info = json.loads(ok(run([sys.executable, "-m", "merge", "inspect", "mu1", "--json"], cwd=runs)).stdout)
     names = {t["name"] for t in info["tensors"]}
     assert names == {f"{layer}/{w}" for layer in ("dense1", "dense2", "logits") for w in ("kernel", "bias")}
+
+
+def test_the_proximal_term_counts_once_across_mirrored_replicas(runs, tmp_path):
+    """Two mirrored devices of 16 samples take the single process's steps of 32:
+    tf.distribute sums the replicas' gradients after the hook, so each adds
+    half of mu (w - w_start); adding all of it on both pulled twice as hard."""
+    common = ["--init", str(runs / "init"), *COMMON[:-1], "--epochs", "1", "--optimizer", "sgd", "--lr", "0.05",
+              "--no-lr-scaling", "--prox-mu", "1", "--quiet"]
+    ok(trainer(*common, "--batch-size", "32", "--out", "one", cwd=tmp_path))
+    ok(trainer(*common, "--batch-size", "16", "--backend", "mirrored", "--devices", "2", "--out", "two", cwd=tmp_path))
+    one, two = keras_weights(tmp_path / "one" / "model.keras"), keras_weights(tmp_path / "two" / "model.keras")
+    for k in one:
+        np.testing.assert_allclose(two[k], one[k], atol=1e-6, err_msg=k)

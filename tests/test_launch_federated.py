@@ -13,9 +13,11 @@ def launch(*args, cwd, timeout=600):
 
 
 def test_rounds_with_data_parallel_clients(tmp_path):
-    """2 clients, each a 2-rank horovodrun job, 2 rounds of FedAvg."""
+    """2 clients, each a 2-rank horovodrun job, 2 rounds of SCAFFOLD: the
+    controls come from allreduced gradients and are compared across ranks."""
     proc = ok(launch("federated", "--clients", "2", "--rounds", "2", "--local-epochs", "1", "--split",
-                     "dirichlet:0.5", "--np", "2", "--model", "mlp", "--out", "fed", cwd=tmp_path))
+                     "dirichlet:0.5", "--np", "2", "--model", "mlp", "--algorithm", "scaffold", "--out", "fed",
+                     cwd=tmp_path))
     assert "round 2/2" in proc.stdout
     out = tmp_path / "fed"
     rows = list(csv.DictReader(open(out / "rounds.csv")))
@@ -28,6 +30,9 @@ def test_rounds_with_data_parallel_clients(tmp_path):
             client = manifest(out / f"round-{r:03d}" / f"client-{k}")
             assert client["world_size"] == 2 and client["lineage"] == lineage
             assert len(set(client["final"]["replica_fingerprints"])) == 1
+            assert client["scaffold"]["previous"] == (None if r == 1 else str(out / "round-001" / f"client-{k}"))
+            assert (out / f"round-{r:03d}" / f"client-{k}" / "scaffold.h5").is_file()
+        assert (out / f"round-{r:03d}" / "global" / "scaffold.h5").is_file()
         assert manifest(out / f"round-{r:03d}" / "global")["lineage"] == lineage
     # round 2 started from round 1's global model
     assert manifest(out / "round-002" / "client-0")["init"].endswith("round-001/global")

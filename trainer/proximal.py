@@ -4,7 +4,9 @@ mu/2 * ||w - w_start||^2 is added to the client's loss, w_start being the
 weights the run started from (the global model of the round). Its gradient,
 mu * (w - w_start), is added after the allreduce: the weights, and so the
 term, are identical on every replica, so adding it once there equals adding
-it to every replica's loss before the sum. With mu = 0 the step is plain
+it to every replica's loss before the sum. Under tf.distribute the hook runs
+before the sum (inside apply_gradients), so each replica adds its share
+(`backend.hook_share`). With mu = 0 the step is plain
 FedAvg local training.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ class Proximal:
     def __init__(self, model, backend, mu: float):
         from .varnames import key_map, safe
         self.mu = float(mu)
+        self.share = backend.hook_share  # mu counted once over the replicas' sum
         names = key_map(model.weights)
         self.variables = list(model.trainable_variables)
         self.names = [names[id(v)] for v in self.variables]
@@ -37,5 +40,5 @@ class Proximal:
         for i, v in enumerate(variables):
             j = index.get(id(v))
             if j is not None and out[i] is not None:
-                out[i] = out[i] + self.mu * (tf.convert_to_tensor(v) - self.anchor[j])
+                out[i] = out[i] + (self.mu * self.share) * (tf.convert_to_tensor(v) - self.anchor[j])
         return out

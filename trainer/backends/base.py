@@ -30,6 +30,15 @@ class Backend:
         return [self.rank]
 
     @property
+    def hook_share(self) -> float:
+        """The part of a term, the same on every replica, that one replica's
+        gradient hook adds (FedProx's mu (w - w_start)). Here and under
+        Horovod the hooks see gradients already summed over replicas: all of
+        it. tf.distribute sums the replicas' gradients after the hooks,
+        inside apply_gradients, so there each replica adds 1/num_replicas."""
+        return 1.0
+
+    @property
     def lr_scale(self) -> int:
         """Learning-rate multiplier for the larger global batch (Goyal et al.)."""
         return self.num_replicas

@@ -30,6 +30,10 @@ class StrategyBackend(Backend):
     def scope(self):
         return self.strategy.scope()
 
+    @property
+    def hook_share(self) -> float:
+        return 1.0 / self.num_replicas
+
     # gradients(): the base tape is right; apply_gradients inside strategy.run
     # sums them across replicas.
 
