@@ -79,6 +79,21 @@ def make_replica_step(model, optimizer, backend: Backend, accum_steps: int = 1,
     return replica_step
 
 
+def variable_hook(own, fn):
+    """A gradient hook that replaces the gradient of each variable in `own`
+    with fn(j, gradient, variable), j its index in `own`; the others pass."""
+    index = {id(v): j for j, v in enumerate(own)}
+
+    def hook(grads, variables):
+        out = list(grads)
+        for i, v in enumerate(variables):
+            j = index.get(id(v))
+            if j is not None and out[i] is not None:
+                out[i] = fn(j, out[i], v)
+        return out
+    return hook
+
+
 def evaluate(model, x: np.ndarray, y: np.ndarray, backend: Backend, batch_size: int = 512) -> dict:
     """Loss and accuracy over the whole set, each process scoring its share."""
     share = np.array_split(np.arange(len(x)), backend.size)[backend.rank]

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from .loop import variable_hook
+
 
 class Proximal:
     def __init__(self, model, backend, mu: float):
@@ -22,6 +24,7 @@ class Proximal:
         names = key_map(model.weights)
         self.variables = list(model.trainable_variables)
         self.names = [names[id(v)] for v in self.variables]
+        self._hook = variable_hook(self.variables, self._pull)
         with backend.scope():
             self.anchor = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name=safe(k) + "_start")
                            for k, v in zip(self.names, self.variables)]
@@ -35,10 +38,7 @@ class Proximal:
             a.assign(v)
 
     def grad_hook(self, grads, variables):
-        index = {id(v): i for i, v in enumerate(self.variables)}
-        out = list(grads)
-        for i, v in enumerate(variables):
-            j = index.get(id(v))
-            if j is not None and out[i] is not None:
-                out[i] = out[i] + (self.mu * self.share) * (tf.convert_to_tensor(v) - self.anchor[j])
-        return out
+        return self._hook(grads, variables)
+
+    def _pull(self, j, g, v):
+        return g + (self.mu * self.share) * (tf.convert_to_tensor(v) - self.anchor[j])

@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from .errors import UsageError
 from .files import controls
+from .loop import variable_hook
 from .varnames import key_map, safe
 
 
@@ -34,6 +35,7 @@ class Scaffold:
         self.variables = list(model.trainable_variables)
         self.names = [names[id(v)] for v in self.variables]
         self.shapes = {k: tuple(v.shape) for k, v in zip(self.names, self.variables)}
+        self._hook = variable_hook(self.variables, self._correct)
 
         def zeros(suffix):
             return [tf.Variable(tf.zeros(v.shape, tf.float32), trainable=False, name=safe(k) + suffix)
@@ -83,16 +85,14 @@ class Scaffold:
 
     def grad_hook(self, grads, variables):
         """Sum the raw gradients, return them corrected by c - c_i."""
-        index = {id(v): i for i, v in enumerate(self.variables)}
-        out = list(grads)
-        for i, v in enumerate(variables):
-            j = index.get(id(v))
-            if j is not None and out[i] is not None:
-                g = tf.convert_to_tensor(out[i])
-                self.grad_sum[j].assign_add(tf.cast(g, tf.float32))
-                out[i] = g + tf.cast(self.server[j] - self.client[j], g.dtype)
+        out = self._hook(grads, variables)
         self.steps.assign_add(1.0)
         return out
+
+    def _correct(self, j, g, v):
+        g = tf.convert_to_tensor(g)
+        self.grad_sum[j].assign_add(tf.cast(g, tf.float32))
+        return g + tf.cast(self.server[j] - self.client[j], g.dtype)
 
     def result(self) -> tuple[dict, dict]:
         """({key: new c_i}, {key: c_i+ - c_i}); with no step taken, c_i is kept."""
