@@ -204,17 +204,23 @@ def run(o: Options) -> dict:
 
     cfg = LoopConfig(epochs=o.epochs, batch_size=o.batch_size, seed=o.seed, accum_steps=o.accum_steps,
                      max_steps=o.max_steps, save_every_steps=o.save_every_steps)
-    hooks = masks.hooks()
+    hooks = step_hooks(masks, prox, scaffold)
     hooks["after_step"] = [*hooks["after_step"], check.after_step]
-    if prox:  # before the masks, so a masked gradient stays exactly zero
-        hooks["grad_hooks"] = [prox.grad_hook, *hooks["grad_hooks"]]
-    if scaffold:  # first: it sums the raw gradients, before any term is added
-        hooks["grad_hooks"] = [scaffold.grad_hook, *hooks["grad_hooks"]]
     speed = train(model, optimizer, backend, data, cfg, state, reporter, save, **hooks)
     if scaffold and run_dir:
         recorded = run_dir.manifest()
         scaffold.write(run_dir.path, recorded.get("lineage"), recorded.get("round"))
     return _finish(backend, model, data, run_dir, reporter, speed, state, plan["out"], masks, check)
+
+
+def step_hooks(masks, prox, scaffold) -> dict:
+    """The loop's hooks. Gradient hooks in order: SCAFFOLD (it sums the raw
+    gradients, before any term is added), FedProx, then the masks (so that a
+    masked gradient stays exactly zero)."""
+    hooks = masks.hooks()
+    hooks["grad_hooks"] = [*([scaffold.grad_hook] if scaffold else []), *([prox.grad_hook] if prox else []),
+                           *hooks["grad_hooks"]]
+    return hooks
 
 
 def _build(o: Options, backend, data, model_cfg: dict, prune_cfg=None):

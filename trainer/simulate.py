@@ -49,7 +49,7 @@ class Simulation:
     def __init__(self, o: Options):
         """`o`: the client options every client shares (--init is the first
         global; --client/--seed are set per client)."""
-        from .job import _build, _plan, _restore, configure_threads, load_data
+        from .job import _build, _plan, _restore, configure_threads, load_data, step_hooks
         check(o)
         configure_threads(o.threads)
         from .backends.base import Backend
@@ -63,12 +63,7 @@ class Simulation:
         self.model, self.optimizer, self.masks, self.prox, self.scaffold, _ = _build(
             o, self.backend, self.full, model_cfg)
         _restore(replace(o, scaffold=None), plan, self.model, None)  # the first global's weights, lineage checked
-        hooks = self.masks.hooks()
-        if self.prox:
-            hooks["grad_hooks"] = [self.prox.grad_hook, *hooks["grad_hooks"]]
-        if self.scaffold:
-            hooks["grad_hooks"] = [self.scaffold.grad_hook, *hooks["grad_hooks"]]
-        self.hooks = hooks
+        self.hooks = hooks = step_hooks(self.masks, self.prox, self.scaffold)
         self.lr = o.lr
         self.step = self.backend.make_step(make_replica_step(self.model, self.optimizer, self.backend,
                                                              o.accum_steps, hooks["grad_hooks"],
