@@ -135,12 +135,18 @@ class Plan:
         return Options(**parsed)
 
     def _check_shares(self) -> None:
-        """Every client must get data; fail before any training starts."""
-        from trainer.job import Options, load_data
+        """Every client must get data; fail before any training starts. The
+        data set is loaded once: a hundred clients of CIFAR-10 would read it a
+        hundred times."""
+        from dataclasses import replace
+
+        from trainer.job import Options, client_share, load_data
+        base = Options(data=self.data, data_dir=self.data_dir, seed=self.seed, split=self.split,
+                       split_seed=self.seed)
+        data = load_data(base, self.model)
         for k in range(self.clients):
             try:
-                load_data(Options(data=self.data, data_dir=self.data_dir, seed=self.seed, client=k,
-                                  clients=self.clients, split=self.split, split_seed=self.seed), self.model)
+                client_share(data, replace(base, client=k, clients=self.clients))
             except UsageError as e:
                 raise UsageError(f"--split {self.split} with {self.clients} clients: {e}; use fewer clients "
                                  "or another split") from None

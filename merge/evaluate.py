@@ -7,7 +7,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from trainer.checkpoint import atomic_write
+from trainer.checkpoint import atomic_write, shared_mode
 from trainer.data import load_dataset
 from trainer.errors import UsageError
 
@@ -115,7 +115,7 @@ def plot(rows: list[dict], png_path) -> None:
 
     def write(f):
         # atomic_write's temporary file is private (0600); a plot is for sharing.
-        os.fchmod(f.fileno(), 0o666 & ~_umask())
+        os.fchmod(f.fileno(), shared_mode(0o666))
         fig.savefig(f, format="png", dpi=100)
 
     try:
@@ -123,8 +123,3 @@ def plot(rows: list[dict], png_path) -> None:
     finally:
         plt.close(fig)
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -20,7 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from trainer.checkpoint import FORMAT, RECORD_KEY, RECORDED
+from trainer.checkpoint import FORMAT, RECORD_KEY, RECORDED, shared_mode
 from trainer.errors import UsageError
 
 from trainer.files.naming import KerasNames
@@ -61,9 +61,7 @@ class WeightsWriter:
         self.config = {k: v for k, v in config.items() if k != "compile_config"}  # optimizer dropped
         self.names = KerasNames(self.config)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the output private
+        os.chmod(self.tmp, shared_mode(0o777))
         self.h5 = h5py.File(self.tmp / "model.weights.h5", "w")
         for group in self.names.groups():
             self.h5.require_group(group)

@@ -87,15 +87,20 @@ def scaffold(previous: str, clients: list[str], out: str, total: int | None = No
 
 
 def _shapes(run) -> dict:
-    """{key: shape} of the trainable weights a client's control covers, read
-    from the client's own control file's keys against its model."""
+    """{key: shape} of the weights a client's controls cover: the keys its
+    scaffold.h5 names, with the shapes of the client's model (the file's own
+    shapes are what controls.read then checks)."""
     from trainer.files.sources import open_source
+    keys = _control_keys(run)
     src = open_source(run)
     try:
-        return {k: tuple(src.info(k)[0]) for k in _control_keys(run) if k in set(src.keys())} \
-            or _missing(run)
+        known = set(src.keys())
+        shapes = {k: tuple(src.info(k)[0]) for k in keys if k in known}
     finally:
         src.close()
+    if not shapes:
+        raise UsageError(f"client {run}: its {controls.FILE} names none of the model's weights")
+    return shapes
 
 
 def _control_keys(run) -> list[str]:
@@ -109,6 +114,3 @@ def _control_keys(run) -> list[str]:
         g = f.get("control")
         return controls.keys_of(g) if isinstance(g, h5py.Group) else []
 
-
-def _missing(run):
-    raise UsageError(f"client {run}: its {controls.FILE} names none of the model's weights")

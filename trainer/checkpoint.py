@@ -88,6 +88,15 @@ def round_of(record: dict) -> int | None:
     return 0 if record.get("kind") == "init" else None
 
 
+def shared_mode(mode: int) -> int:
+    """`mode` (0o666 for a file, 0o777 for a directory) under this process's
+    umask, what open() and mkdir() give: mkstemp and mkdtemp create 0600 and
+    0700 whatever the umask, which would hide an output from colleagues."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 def atomic_write(path: Path, write) -> None:
     """`write(f)` into a temporary file beside `path`, then rename over it:
     readers see the old file or the whole new one, never a part."""

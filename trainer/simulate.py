@@ -153,11 +153,9 @@ class Simulation:
             if server_control is not None:
                 controls.write(tmp, "server", {"control": server_control}, self.lineage, record.get("round"),
                                clients=clients)
-            umask = os.umask(0)
-            os.umask(umask)
             for f in tmp.iterdir():
-                os.chmod(f, 0o666 & ~umask)
-            os.chmod(tmp, 0o777 & ~umask)
+                os.chmod(f, ck.shared_mode(0o666))
+            os.chmod(tmp, ck.shared_mode(0o777))
             os.rename(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

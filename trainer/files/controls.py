@@ -36,6 +36,8 @@ def write(where, kind: str, groups: dict[str, dict[str, np.ndarray]], lineage: s
     """Write `groups` ({group: {key: array}}) to `where`'s scaffold.h5 under a
     temporary name, renamed into place."""
     import h5py
+
+    from ..checkpoint import shared_mode
     target = path_of(where)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
@@ -47,9 +49,7 @@ def write(where, kind: str, groups: dict[str, dict[str, np.ndarray]], lineage: s
                 g = f.create_group(group)
                 for key, value in arrays.items():
                     g.create_dataset(key, data=np.asarray(value, np.float32))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide it from colleagues
+        os.chmod(tmp, shared_mode(0o666))
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
