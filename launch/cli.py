@@ -106,12 +106,12 @@ def cmd_slurm(a) -> int:
 
 
 def cmd_horovod(a) -> int:
-    from .horovod import horovodrun_command, run
+    from .horovod import horovodrun_command, rank_hosts, run
     from .hosts import parse_hosts, read_hostfile
     hosts = parse_hosts(a.hosts) if a.hosts is not None else read_hostfile(a.hostfile)
     cmd = horovodrun_command(hosts, a.cmd, a.np, a.controller, a.ssh_port)
     print(shlex.join(cmd), flush=True)
-    return 0 if a.print else run(cmd)
+    return 0 if a.print else run(cmd, rank_hosts(hosts, a.np or sum(n for _, n in hosts)))
 
 
 def cmd_federated(a) -> int:

@@ -79,7 +79,7 @@ def test_a_killed_rank_ends_the_job_and_resume_continues(tmp_path):
     out, err = job.communicate(timeout=60)
     assert time.time() - killed < 60
     assert job.returncode != 0
-    assert "error: lost rank 1 (killed by signal 9)" in err, err[-2000:]
+    assert "error: lost rank 1 on localhost (killed by signal 9)" in err, err[-2000:]
     latest = json.loads(manifest_path.read_text())["latest"]
     step = int(latest.split("-")[1])
     proc = ok(run(cmd[:-1] + ["--resume", "--quiet"], cwd=tmp_path))

@@ -318,6 +318,7 @@ def _finish(backend, model, data, run_dir, reporter, speed: dict, state, out: st
     backend.average_variables(check.statistics)  # before the evaluation that uses them
     test = evaluate(model, data.x_test, data.y_test, backend)
     replicas = backend.replica_fingerprints(model.weights)
+    hosts = backend.replica_hosts()
     if len(set(replicas)) != 1:
         check.now("after training")  # names the weight
         raise ReplicaMismatch(f"weights differ across {backend.replica_noun}s after training: {replicas}")
@@ -329,7 +330,8 @@ def _finish(backend, model, data, run_dir, reporter, speed: dict, state, out: st
                         record={**run_dir.manifest(), "samples_seen": state.samples_seen})
         run_dir.write_manifest({**run_dir.manifest(), **extra, "final": {
             "keras": "model.keras", "test_loss": test["loss"], "test_accuracy": test["accuracy"],
-            "samples_per_sec": speed["samples_per_sec"], "replica_fingerprints": replicas}})
+            "samples_per_sec": speed["samples_per_sec"], "replica_fingerprints": replicas,
+            "replica_hosts": hosts}})
     reporter.line(f"test accuracy {test['accuracy']:.4f}")
     reporter.line(f"final: loss={test['loss']:.4f} accuracy={test['accuracy']:.4f} "
                   f"samples/s={speed['samples_per_sec']:.1f} steps={state.step} "

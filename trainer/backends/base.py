@@ -123,6 +123,17 @@ class Backend:
         return [["sha256:" + bytes(table[r, g].astype(np.uint8).tolist()).hex() for r in range(self.num_replicas)]
                 for g in range(len(groups))]
 
+    def replica_hosts(self) -> list[str]:
+        """The host each replica ran on, in replica order, on every process:
+        the record that a multi-host run really spanned its hosts."""
+        import socket
+        name = socket.gethostname().encode()[:64]
+        table = np.zeros((self.num_replicas, 64))
+        for replica in self.local_replicas:
+            table[replica, :len(name)] = list(name)
+        table = self.allreduce_sum(table)
+        return [bytes(row.astype(np.uint8).tolist()).rstrip(b"\0").decode(errors="replace") for row in table]
+
     def describe(self) -> str:
         return f"{self.name} ({self.num_replicas} replica{'s' if self.num_replicas != 1 else ''})"
 
