@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -172,6 +173,31 @@ class Hosts:
 
     def popen(self, host: str, cmd, **kw) -> subprocess.Popen:
         return subprocess.Popen(self.command(host, cmd), **kw)
+
+    def mount_cgroups(self, host: str) -> None:
+        """Give `host` the cgroup file systems this machine has under
+        /sys/fs/cgroup. `ip netns exec` mounts a fresh /sys for the namespace
+        without them, and slurmd will not start without a cgroup mount."""
+        steps = ["mountpoint -q /sys/fs/cgroup && exit 0"]
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            dev, point, fstype, opts = line.split()[:4]
+            if point == "/sys/fs/cgroup" or point.startswith("/sys/fs/cgroup/"):
+                steps.append(f"mkdir -p {shlex.quote(point)} && mount -t {shlex.quote(fstype)} "
+                             f"-o {shlex.quote(opts)} {shlex.quote(dev)} {shlex.quote(point)}")
+        done = self.run(host, ["sh", "-ec", "\n".join(steps)])
+        if done.returncode != 0:
+            raise RuntimeError(f"mounting cgroups on {host} failed: {done.stderr.strip()}")
+
+    def daemon(self, host: str, cmd, log: Path, env=None) -> subprocess.Popen:
+        """A long-lived process on `host` (a Slurm or munge daemon), output
+        appended to `log`. nsenter execs it without forking, so the Popen's
+        PID is the daemon's own, for its owner to stop; `stop` ends it anyway
+        with the host's other processes and reaps it."""
+        with open(log, "ab") as out:
+            proc = self.popen(host, cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, start_new_session=True)
+        self._procs.append(proc)
+        return proc
 
     def pids(self, host: str) -> list[int]:
         """Every process in the host's network namespace."""

@@ -1,6 +1,15 @@
-"""A real single-node Slurm cluster for the tests: munged, slurmctld and
-slurmd from Debian's packages, started by hand under a temporary directory
-(no systemd), and stopped by the PIDs this module started."""
+"""A real Slurm cluster for the tests: munged, slurmctld and slurmd from
+Debian's packages, started by hand under a temporary directory (no systemd),
+and stopped by the PIDs this module started.
+
+By default one node, this machine, at 127.0.0.1. Given `hosts` (a started
+tests/netns_hosts.Hosts), one node per namespace host at its own address:
+munged and slurmctld run on the first host (the head node), one slurmd on
+each host, all inside that host's namespaces, so a job step gets its node's
+host name, /etc/hosts and disk. One munged serves every host: its socket is
+a file on the shared filesystem, and a path-named unix socket works across
+network namespaces. Clients (sinfo here; sbatch, srun in the tests) run on
+the head node, the only place the cluster's addresses are reachable."""
 from __future__ import annotations
 
 import os
@@ -27,11 +36,16 @@ def _free_port() -> int:
 
 
 class SlurmCluster:
-    def __init__(self, root: Path, cpus: int = 2):
+    def __init__(self, root: Path, cpus: int = 2, hosts=None):
         self.root = Path(root)
         self.cpus = cpus
-        self.node = socket.gethostname().split(".")[0]
+        self.hosts = hosts
+        # {node name: address}; the first is the head node (slurmctld, munged, clients).
+        self.addresses = ({name: h.address for name, h in hosts.hosts.items()} if hosts else
+                          {socket.gethostname().split(".")[0]: "127.0.0.1"})
+        self.node = next(iter(self.addresses))
         self.pids: list[int] = []
+        self._procs: list[subprocess.Popen] = []
         self.conf = self.root / "slurm.conf"
         self.munge_socket = self.root / "munge" / "munge.socket"
 
@@ -41,10 +55,13 @@ class SlurmCluster:
 
     def start(self, timeout: float = 60) -> "SlurmCluster":
         r = self.root
-        for d in ("munge", "state", "spool", "log"):
+        for d in ("munge", "state", "spool", "tmp", "log"):
             # An old state directory makes the node look idle before slurmd registers.
             shutil.rmtree(r / d, ignore_errors=True)
             (r / d).mkdir(parents=True)
+        for node in self.addresses:
+            (r / "spool" / node).mkdir()
+            (r / "tmp" / node).mkdir()
         os.chmod(r / "munge", 0o700)
         key = r / "munge" / "munge.key"
         key.write_bytes(os.urandom(1024))
@@ -55,14 +72,24 @@ class SlurmCluster:
         self._wait(lambda: self.munge_socket.exists(), timeout, "munged socket")
         self.conf.write_text(self._config())
         self._controller = self._daemon(["slurmctld", "-D", "-c", "-f", str(self.conf)])
-        self._daemon(["slurmd", "-D", "-f", str(self.conf), "-N", self.node])
-        self._wait(self._node_ready, timeout, "the node to register")
+        for node in self.addresses:
+            if self.hosts:
+                self.hosts.mount_cgroups(node)
+            self._daemon(["slurmd", "-D", "-f", str(self.conf), "-N", node], node)
+        self._wait(self._node_ready, timeout, f"{'the node' if len(self.addresses) == 1 else 'the nodes'} "
+                                              f"to register")
         return self
 
     def _config(self) -> str:
+        # Per-node paths (%n: the node's name): the nodes share one filesystem,
+        # and each slurmd needs its own spool, PID file and log, and each
+        # node its own TmpFS, where the PMIx plugin makes a directory per job
+        # step (in /tmp, the second node's would collide with the first's).
         r = self.root
+        nodes = "\n".join(f"NodeName={name} NodeAddr={addr} CPUs={self.cpus} State=UNKNOWN"
+                          for name, addr in self.addresses.items())
         return f"""ClusterName=dpt
-SlurmctldHost={self.node}(127.0.0.1)
+SlurmctldHost={self.node}({self.addresses[self.node]})
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort={_free_port()}
@@ -71,11 +98,12 @@ AuthType=auth/munge
 AuthInfo=socket={self.munge_socket}
 CredType=cred/munge
 StateSaveLocation={r / 'state'}
-SlurmdSpoolDir={r / 'spool'}
+SlurmdSpoolDir={r / 'spool' / '%n'}
 SlurmctldPidFile={r / 'state' / 'slurmctld.pid'}
-SlurmdPidFile={r / 'spool' / 'slurmd.pid'}
+SlurmdPidFile={r / 'spool' / '%n' / 'slurmd.pid'}
 SlurmctldLogFile={r / 'log' / 'slurmctld.log'}
-SlurmdLogFile={r / 'log' / 'slurmd.log'}
+SlurmdLogFile={r / 'log' / 'slurmd-%n.log'}
+TmpFS={r / 'tmp' / '%n'}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -88,7 +116,7 @@ SlurmdTimeout=30
 InactiveLimit=0
 KillWait=5
 MinJobAge=300
-NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN
+{nodes}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
@@ -117,22 +145,38 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         conf.write_text(self.conf.read_text() + f"MessageTimeout={message_timeout}\n")
         return {"SLURM_CONF": str(conf)}
 
-    def _daemon(self, cmd) -> subprocess.Popen:
+    def _daemon(self, cmd, node: str | None = None) -> subprocess.Popen:
+        """A daemon on `node` (default: the head node)."""
         env = {**os.environ, **self.env}
-        log = open(self.root / "log" / f"{Path(cmd[0]).name}.out", "ab")
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        name = Path(cmd[0]).name if len(self.addresses) == 1 else f"{Path(cmd[0]).name}-{node or self.node}"
+        log = self.root / "log" / f"{name}.out"
+        if self.hosts:
+            proc = self.hosts.daemon(node or self.node, cmd, log, env=env)
+        else:
+            with open(log, "ab") as out:
+                proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
+        proc.name = name
         self.pids.append(proc.pid)
-        self._procs = getattr(self, "_procs", []) + [proc]
+        self._procs.append(proc)
         return proc
 
+    def client(self, cmd, **kw) -> subprocess.CompletedProcess:
+        """A Slurm client command on the head node, with this cluster's config."""
+        env = {**os.environ, **self.env, **kw.pop("env", {})}
+        kw = {"capture_output": True, "text": True, "stdin": subprocess.DEVNULL, **kw}
+        if self.hosts:
+            return self.hosts.run(self.node, cmd, env=env, **kw)
+        return subprocess.run(cmd, env=env, **kw)
+
     def _node_ready(self) -> bool:
-        for p in getattr(self, "_procs", []):
+        for p in self._procs:
             if p.poll() is not None:
-                raise RuntimeError(f"{p.args[0]} exited with {p.returncode}; see {self.root / 'log'}")
-        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env={**os.environ, **self.env},
-                             capture_output=True, text=True)
-        return out.returncode == 0 and out.stdout.strip() in ("idle", "mixed", "allocated")
+                raise RuntimeError(f"{p.name} exited with {p.returncode}; see {self.root / 'log'}")
+        out = self.client(["sinfo", "-h", "-N", "-o", "%N %T"])
+        states = dict(line.split() for line in out.stdout.splitlines() if len(line.split()) == 2)
+        return (out.returncode == 0 and set(states) == set(self.addresses)
+                and all(s in ("idle", "mixed", "allocated") for s in states.values()))
 
     @staticmethod
     def _wait(check, timeout, what):
@@ -145,10 +189,10 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
     def stop(self) -> None:
         """Stop only what this cluster started, by PID (slurmd first)."""
-        for proc in reversed(getattr(self, "_procs", [])):
+        for proc in reversed(self._procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for proc in reversed(getattr(self, "_procs", [])):
+        for proc in reversed(self._procs):
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
