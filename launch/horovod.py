@@ -32,7 +32,10 @@ def horovodrun_command(hosts, command: list[str], np: int | None = None, control
 _PROCESS = re.compile(r"^\s*Process name:\s+(?:\[\[\d+,\d+\],(\d+)\]|(\d+))")
 _CODE = re.compile(r"^\s*Exit code:\s+(-?\d+)")
 _MPI_SIGNAL = re.compile(r"process rank (\d+) with PID \d+ on node (\S+) exited on signal (\d+)")
-_MPI_DAEMON = re.compile(r"^\s*Remote daemon\s*:.* on node (\S+)")
+# A host that went away, as mpirun (its daemon, or a peer rank) or ssh saw it;
+# which of these appears first depends on timing.
+_HOST_GONE = (re.compile(r"^\s*Remote daemon\s*:.* on node (\S+)"), re.compile(r"^\s*Peer host:\s+(\S+)"),
+              re.compile(r"^Connection to (\S+) closed"))
 
 
 def rank_hosts(hosts, np: int) -> list[str]:
@@ -45,34 +48,39 @@ def _how(code: int | None) -> str:
     if code == 255:
         # ssh's own status: the remote process died of a signal or the host
         # went away, which ssh does not tell apart.
-        return "its ssh session ended with 255: the process was killed or the host is unreachable"
+        return "exit code 255: over ssh, the process was killed or its host went away"
     if code is not None and code > 128:
         return f"killed by signal {code - 128}"
     return f"exit code {code}"
 
 
 def lost_message(lines, hosts_of_ranks: list[str]) -> str | None:
-    """One line naming the lost rank and its host, from horovodrun's output."""
-    rank = code = host = None
-    how = None
+    """One line naming the lost rank and its host, from horovodrun's output.
+    A rank that died of a signal (mpirun says which) is the cause; else a host
+    that went away; else the first rank horovodrun saw exit (Gloo). A lost
+    host takes precedence over ranks elsewhere that failed because of it."""
+    rank = code = gone = None
+    killed = None
     for line in lines:
         if m := _PROCESS.match(line):
-            rank = int(m.group(1) or m.group(2))
+            rank = int(m.group(1) or m.group(2)) if rank is None else rank
         elif m := _CODE.match(line):
-            code = int(m.group(1))
+            code = int(m.group(1)) if code is None else code
         elif m := _MPI_SIGNAL.search(line):
-            rank, host, how = int(m.group(1)), m.group(2), f"killed by signal {m.group(3)}"
-        elif m := _MPI_DAEMON.match(line):
-            host = m.group(1)
-    if rank is None and host is None:
-        return None
-    if rank is None:
-        ranks = [r for r, h in enumerate(hosts_of_ranks) if h == host]
-        who = f"host {host} (rank{'s' if len(ranks) != 1 else ''} {', '.join(map(str, ranks)) or '?'}): " \
-              "mpirun lost its daemon there"
+            killed = killed or (int(m.group(1)), m.group(2), f"killed by signal {m.group(3)}")
+        elif gone is None and (m := next(filter(None, (p.match(line) for p in _HOST_GONE)), None)):
+            gone = m.group(1)
+    if killed:
+        who = f"rank {killed[0]} on {killed[1]} ({killed[2]})"
+    elif gone:
+        ranks = [r for r, h in enumerate(hosts_of_ranks) if h == gone]
+        who = f"host {gone} (rank{'s' if len(ranks) != 1 else ''} {', '.join(map(str, ranks)) or '?'}): " \
+              "its processes or its connection ended"
+    elif rank is not None:
+        host = hosts_of_ranks[rank] if rank < len(hosts_of_ranks) else "?"
+        who = f"rank {rank} on {host} ({_how(code)})"
     else:
-        host = host or (hosts_of_ranks[rank] if rank < len(hosts_of_ranks) else "?")
-        who = f"rank {rank} on {host} ({how or _how(code)})"
+        return None
     return (f"error: lost {who}; the other ranks were stopped. Relaunch the same command with --resume to "
             "continue from the last checkpoint")
 
@@ -88,7 +96,7 @@ def run(cmd: list[str], hosts_of_ranks: list[str] = (), out=sys.stdout) -> int:
     for line in proc.stdout:
         out.write(line)
         out.flush()
-        if "Process name:" in line or "Exit code:" in line or " on node " in line:
+        if any(k in line for k in ("Process name:", "Exit code:", " on node ", "Peer host:", "Connection to ")):
             notable.append(line)
     status = proc.wait()
     if status and (message := lost_message(notable, list(hosts_of_ranks))):
