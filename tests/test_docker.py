@@ -58,6 +58,11 @@ def test_images_pin_the_same_stack():
     assert '"tensorflow[and-cuda]==${TENSORFLOW_VERSION}"' in gpu
     run = (REPO / "run").read_text()
     assert f"HOROVOD_VERSION={declared['horovod']}" in run and f"TF_VERSION={_pins()['tensorflow-cpu']}" in run
+    # pip, setuptools and wheel (Horovod builds without build isolation) as ./run pins them.
+    tools = re.compile(r'"((?:pip|setuptools|wheel)==[^"]+)"')
+    assert len(set(tools.findall(run))) == 3
+    for text in (cpu, gpu):
+        assert set(tools.findall(text)) == set(tools.findall(run))
     assert f'VERSION={declared["horovod"]}' in (REPO / "tools" / "horovod-wheel.sh").read_text()
 
 
@@ -67,7 +72,27 @@ def test_entrypoints_and_copied_paths_exist():
         for src in re.findall(r"^COPY (\S+)", text, re.M):
             assert (REPO / src).exists(), f"{name}: COPY {src} does not exist"
         assert 'ENTRYPOINT ["dptoolkit-entrypoint"]' in text
+        # tests/container_image.py finds this project's images by this label.
+        assert 'LABEL org.opencontainers.image.title="dptoolkit"' in text
+        assert "COPY . .\n" in text and "install -m 755 docker/entrypoint.sh /usr/local/bin/dptoolkit-entrypoint" in text
     assert os.access(DOCKER / "entrypoint.sh", os.X_OK)
+    assert os.access(DOCKER / "base-debian.sh", os.X_OK)
+
+
+def test_dockerignore_lets_in_what_the_images_use_and_nothing_else():
+    """`COPY . .` takes the checkout through .dockerignore: an allowlist
+    (everything out, then the package, its build files and the stack's inputs)."""
+    rules = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert rules[0] == "*"
+    allowed = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
+    needed = {"pyproject.toml", "requirements.txt", "trainer", "merge", "launch", "patches",
+              "tools/horovod-wheel.sh", "docker/entrypoint.sh"}
+    assert allowed == needed
+    assert all((REPO / p).exists() for p in allowed)
+    # Caches inside the allowed folders stay out too (a later rule wins).
+    last_allowed = max(i for i, r in enumerate(rules) if r.startswith("!"))
+    assert {"**/__pycache__", "**/*.pyc"} <= set(rules[last_allowed + 1:])
 
 
 def test_compose_runs_two_hosts_with_a_valid_launch_command():
