@@ -15,9 +15,11 @@ the Dockerfile's LABEL) and base images of other recipes are removed; images
 still used by a container stay.
 
 Storage: buildah's default graph root with the overlay driver, which works in
-this gVisor sandbox and stores each layer as a diff (vfs works too, through
-DPT_BUILDAH_DRIVER=vfs, but keeps a full copy of the root per layer: TensorFlow
-makes that about 3 GB a layer and a working container)."""
+this gVisor sandbox and stores each layer as a diff. Measured on 2 cores: an
+uncached build 406 s (base 90 s, stack ~5 min), 2.9 GB on disk for the base,
+the stack and the project; a code-only change 6 s; nothing changed 1.5 s.
+DPT_BUILDAH_DRIVER=vfs works too but copies the whole root per layer and per
+working container: 910 s uncached, 9.7 GB kept and 18 GB at the peak."""
 from __future__ import annotations
 
 import fcntl
@@ -39,7 +41,7 @@ BASE_REPO = "localhost/dptoolkit-test-base"  # not the README's dptoolkit-base: 
 LABEL = "org.opencontainers.image.title=dptoolkit"  # docker/Dockerfile's LABEL
 CONTAINER_PREFIX = "dptoolkit-test-"  # working containers: PREFIX + pid + name
 LOCK = Path("/var/tmp/dptoolkit-container.lock")
-BUILD_TIMEOUT = 3600  # an uncached build measured ~15 minutes on 2 cores
+BUILD_TIMEOUT = 3600  # uncached: 7 minutes measured (15 with vfs) on 2 busy cores
 
 
 def missing_tools() -> str | None:

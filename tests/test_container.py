@@ -90,7 +90,11 @@ def test_horovodrun_two_ranks_inside_the_image(ctr, tmp_path):
     _ok(ctr.run("horovodrun", "-np", "2", "python", "-m", "trainer", "--model", "mlp", "--epochs", "1",
                 "--quiet", "--out", "run", runs=tmp_path))
     m = manifest(tmp_path / "run")
-    assert m["world_size"] == 2
+    assert m["world_size"] == 2 and m["backend"].startswith("horovod"), m["backend"]
+    # The run records the image's stack: the project's pins.
+    pins = _pins()
+    recorded = {k: v for k, v in m["versions"].items() if k in pins}
+    assert {"keras", "numpy", "h5py"} <= set(recorded) and recorded == {k: pins[k] for k in recorded}, m["versions"]
     prints = m["final"]["replica_fingerprints"]
     assert len(prints) == 2 and len(set(prints)) == 1, prints
     assert (tmp_path / "run" / "checkpoints" / m["latest"] / "state.index").exists()
