@@ -42,6 +42,27 @@ def horovodrun(np_, controller, *args, cwd, timeout=600) -> subprocess.Completed
                 sys.executable, "-m", "trainer", *args], cwd=cwd, timeout=timeout)
 
 
+def pins(requirements, python: str = f"{sys.version_info[0]}.{sys.version_info[1]}") -> dict:
+    """{name: version} of the `==` pins among `requirements` (lines of
+    requirements.txt or pyproject's lists) whose markers hold on `python`."""
+    from packaging.requirements import Requirement
+    out = {}
+    for line in requirements:
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        req = Requirement(line)
+        if req.marker is None or req.marker.evaluate({"python_version": python}):
+            (spec,) = req.specifier
+            assert spec.operator == "==", f"{line}: not a pin"
+            out[req.name.lower() + (f"[{','.join(sorted(req.extras))}]" if req.extras else "")] = spec.version
+    return out
+
+
+def requirement_pins(python: str = f"{sys.version_info[0]}.{sys.version_info[1]}") -> dict:
+    return pins((REPO / "requirements.txt").read_text().splitlines(), python)
+
+
 def manifest(run_dir) -> dict:
     return json.loads((Path(run_dir) / "manifest.json").read_text())
 

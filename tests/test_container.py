@@ -4,13 +4,12 @@ inside it: its pins, horovodrun with two ranks, merge fedavg, the entrypoint."""
 from __future__ import annotations
 
 import json
-import re
 import tomllib
 
 import numpy as np
 import pytest
 
-from conftest import REPO, keras_weights, manifest
+from conftest import REPO, keras_weights, manifest, requirement_pins
 from container_image import BUILD_TIMEOUT, IMAGE, Container, build, locked, missing_tools, remove_dead_containers
 
 # The first build (Debian base, TensorFlow, Horovod compiled) takes longer
@@ -46,12 +45,7 @@ def _ok(proc):
 
 
 def _pins() -> dict:
-    pins = {}
-    for line in (REPO / "requirements.txt").read_text().splitlines():
-        m = re.match(r"^([A-Za-z0-9_.-]+)==([^\s;#]+)", line.strip())
-        if m:
-            pins[m.group(1).lower()] = m.group(2)
-    return pins
+    return requirement_pins("3.12")  # the image's Python
 
 
 VERSIONS = """

@@ -6,38 +6,34 @@ import os
 import re
 import tomllib
 
+import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, pins, requirement_pins
 
 DOCKER = REPO / "docker"
 
 
-def _pins() -> dict:
-    pins = {}
-    for line in (REPO / "requirements.txt").read_text().splitlines():
-        m = re.match(r"^([A-Za-z0-9_.-]+)==([^\s;#]+)", line.strip())
-        if m:
-            pins[m.group(1).lower()] = m.group(2)
-    return pins
+def _pins(python: str = "3.12") -> dict:
+    return requirement_pins(python)
 
 
-def _pyproject() -> dict:
+def _pyproject(python: str = "3.12") -> dict:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    deps = project["dependencies"] + sum(project["optional-dependencies"].values(), [])
-    return {d.split("==")[0].lower(): d.split("==")[1] for d in deps}
+    return pins(project["dependencies"] + sum(project["optional-dependencies"].values(), []), python)
 
 
-def test_requirements_and_pyproject_agree():
-    pins, declared = _pins(), _pyproject()
+@pytest.mark.parametrize("python", ["3.11", "3.12", "3.13"])
+def test_requirements_and_pyproject_agree(python):
+    required, declared = _pins(python), _pyproject(python)
     declared.pop("horovod")  # built from source after TensorFlow, by tools/horovod-wheel.sh
     # The gpu extra is the CUDA build of the very TensorFlow requirements.txt pins for CPUs.
-    assert declared.pop("tensorflow[and-cuda]") == pins["tensorflow-cpu"]
+    assert declared.pop("tensorflow[and-cuda]") == required["tensorflow-cpu"]
     for name, version in declared.items():
-        assert pins.get(name) == version, f"{name}: pyproject {version}, requirements.txt {pins.get(name)}"
-    # Every package of the environment that touches TensorFlow is pinned.
-    for name in ("tensorflow-cpu", "keras", "tensorboard", "ml-dtypes", "protobuf", "numpy", "h5py"):
-        assert name in pins, name
+        assert required.get(name) == version, f"{name}: pyproject {version}, requirements.txt {required.get(name)}"
+    # Every package of the environment that touches TensorFlow is pinned, on every supported Python.
+    for name in ("tensorflow-cpu", "keras", "tensorboard", "ml-dtypes", "protobuf", "numpy", "h5py", "scipy"):
+        assert name in required, (python, name)
 
 
 def test_images_pin_the_same_stack():
