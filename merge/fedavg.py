@@ -93,6 +93,7 @@ def _aligned(o: Options) -> dict:
                              "the masks too; merge them without --align")
         weights = _weights(inputs, o)
         rounds = [round_of(s.manifest) for s in inputs.sources]
+        samples = [s.samples for s in inputs.sources]
     base = load_model(o.inputs[0])
     out = Path(o.out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.align.", suffix=".tmp", dir=out.parent))
@@ -102,7 +103,9 @@ def _aligned(o: Options) -> dict:
             model = load_model(path)
             aligned, _ = align(base, model)
             set_weights(model, aligned)
-            export_keras(model, tmp / f"aligned-{i}.keras")
+            # The copy keeps its original's sample count: the output records
+            # the sum over all inputs, which weights the next round.
+            export_keras(model, tmp / f"aligned-{i}.keras", record={"samples_seen": samples[i]})
             paths.append(str(tmp / f"aligned-{i}.keras"))
         # Aligned copies of different initializations: lineage no longer applies.
         inner = replace(o, inputs=paths, weights=weights, uniform=False, align=False, recalibrate_bn=False,

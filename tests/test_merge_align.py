@@ -2,13 +2,14 @@
 trained networks."""
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
 import pytest
 import keras
 
-from conftest import ok, run
+from conftest import ok, run, trainer
 from merge.align import align, derive_spec, set_weights, weights_of
 from trainer.data import load_dataset
 from trainer.models import build_model
@@ -146,6 +147,19 @@ def test_fedavg_align_makes_independent_models_averageable(tmp_path):
     aligned, naive = _accuracy(tmp_path / "aligned.keras"), _accuracy(tmp_path / "naive.keras")
     assert aligned >= 0.9 * members and aligned > naive + 0.05, (aligned, naive, members)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_fedavg_align_counts_every_inputs_samples(tmp_path):
+    """Two trainer runs of different lengths from different inits: --align
+    weights them by their samples and records the sum of both."""
+    from trainer.checkpoint import read_record
+    for out, epochs, seed in (("a", "1", "1"), ("b", "2", "2")):
+        ok(trainer("--model", "mlp", "--epochs", epochs, "--seed", seed, "--out", out, "--quiet", cwd=tmp_path))
+    seen = [json.loads((tmp_path / r / "manifest.json").read_text())["samples_seen"] for r in "ab"]
+    assert seen[1] == 2 * seen[0]
+    proc = ok(merge("fedavg", "a", "b", "-o", "ab.keras", "--align", cwd=tmp_path))
+    assert read_record(tmp_path / "ab.keras")["samples_seen"] == sum(seen)
+    assert f"samples seen in all: {sum(seen)}" in proc.stdout, proc.stdout
 
 
 def test_recalibrate_bn_recomputes_statistics_on_the_data(tmp_path):
