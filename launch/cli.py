@@ -111,7 +111,7 @@ def cmd_horovod(a) -> int:
     hosts = parse_hosts(a.hosts) if a.hosts is not None else read_hostfile(a.hostfile)
     cmd = horovodrun_command(hosts, a.cmd, a.np, a.controller, a.ssh_port)
     print(shlex.join(cmd), flush=True)
-    return 0 if a.print else run(cmd, rank_hosts(hosts, a.np or sum(n for _, n in hosts)))
+    return 0 if a.print else run(cmd, rank_hosts(hosts, a.np))
 
 
 def cmd_federated(a) -> int:

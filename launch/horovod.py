@@ -36,11 +36,12 @@ _MPI_SIGNAL = re.compile(r"process rank (\d+) with PID \d+ on node (\S+) exited 
 # which of these appears first depends on timing.
 _HOST_GONE = (re.compile(r"^\s*Remote daemon\s*:.* on node (\S+)"), re.compile(r"^\s*Peer host:\s+(\S+)"),
               re.compile(r"^Connection to (\S+) closed"))
+_NOTABLE = (_PROCESS, _CODE, _MPI_SIGNAL, *_HOST_GONE)
 
 
-def rank_hosts(hosts, np: int) -> list[str]:
+def rank_hosts(hosts, np: int | None = None) -> list[str]:
     """The host of each rank: horovodrun and mpirun fill the hosts' slots in
-    the order of the host list."""
+    the order of the host list (np None: every slot)."""
     return [name for name, slots in hosts for _ in range(slots)][:np]
 
 
@@ -96,7 +97,7 @@ def run(cmd: list[str], hosts_of_ranks: list[str] = (), out=sys.stdout) -> int:
     for line in proc.stdout:
         out.write(line)
         out.flush()
-        if any(k in line for k in ("Process name:", "Exit code:", " on node ", "Peer host:", "Connection to ")):
+        if any(p.search(line) for p in _NOTABLE):
             notable.append(line)
     status = proc.wait()
     if status and (message := lost_message(notable, list(hosts_of_ranks))):
