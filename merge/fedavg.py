@@ -271,7 +271,7 @@ def _weights(inputs: Inputs, o: Options) -> list[float]:
 
 
 def _stream(inputs: Inputs, keys, weights, rule, writer: WeightsWriter, o: Options) -> dict:
-    from tqdm import tqdm
+    from trainer.progress import progress
     sources = inputs.sources
     sliceable = all(s.sliceable for s in sources) and o.target_sparsity is None
     out_bytes = sum(_nbytes(*sources[0].info(k)) for k in keys)
@@ -280,8 +280,7 @@ def _stream(inputs: Inputs, keys, weights, rule, writer: WeightsWriter, o: Optio
     pruned = kept = 0
     per_tensor = {}
     buffers = _Buffers(o.slab_bytes if sliceable and rule.streaming else 0)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="fedavg", disable=o.quiet or None,
-              file=sys.stderr, leave=False) as bar:
+    with progress(total, "fedavg", "B", unit_scale=True, enabled=not o.quiet, leave=False) as bar:
         for key in keys:
             shape, dtype = sources[0].info(key)
             ds = writer.create(inputs.output_key(key), shape, dtype)

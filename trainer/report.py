@@ -9,7 +9,7 @@ import csv
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
+from .progress import progress
 
 
 class Reporter:
@@ -46,8 +46,7 @@ class ChiefReporter(Reporter):
         self.history: list[dict] = []
 
     def epoch_bar(self, epoch, epochs, steps):
-        return tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", unit="step",
-                    file=sys.stderr, disable=self.quiet, mininterval=0.5, dynamic_ncols=True)
+        return progress(steps, f"epoch {epoch + 1}/{epochs}", "step", enabled=not self.quiet)
 
     def epoch_end(self, epoch, metrics):
         import tensorflow as tf
