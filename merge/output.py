@@ -20,7 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from trainer.checkpoint import FORMAT, RECORD_KEY, RECORDED, shared_mode
+from trainer.checkpoint import FORMAT, RECORD_KEY, RECORDED, shared_tempdir
 from trainer.errors import UsageError
 
 from trainer.files.naming import KerasNames
@@ -60,8 +60,7 @@ class WeightsWriter:
         self.out = Path(out)
         self.config = {k: v for k, v in config.items() if k != "compile_config"}  # optimizer dropped
         self.names = KerasNames(self.config)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent))
-        os.chmod(self.tmp, shared_mode(0o777))
+        self.tmp = shared_tempdir(self.out.parent, self.out.name)
         self.h5 = h5py.File(self.tmp / "model.weights.h5", "w")
         for group in self.names.groups():
             self.h5.require_group(group)
@@ -128,7 +127,7 @@ class WeightsWriter:
         zipped = self.tmp / "out.keras"
         metadata = {"keras_version": _keras_version(),
                     "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S"),
-                    RECORD_KEY: {k: manifest.get(k) for k in RECORDED}}
+                    RECORD_KEY: {k: manifest.get(k) for k in (*RECORDED, "data")}}
         with zipfile.ZipFile(zipped, "w", allowZip64=True) as zf:
             _preallocate(zipped, (self.tmp / "model.weights.h5").stat().st_size)
             zf.writestr("metadata.json", json.dumps(metadata))
@@ -141,6 +140,14 @@ class WeightsWriter:
             with open(weights, "rb") as src, zf.open(info, "w", force_zip64=True) as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
         return zipped
+
+
+def add_record(path, record: dict) -> None:
+    """`record` into the metadata of a .keras that Keras saved. export_keras
+    keeps only trainer.checkpoint.RECORDED, which has no "data" (yet); merge
+    outputs record the data set for `merge evaluate`."""
+    from trainer.checkpoint import _add_record
+    _add_record(Path(path), record)
 
 
 def _preallocate(path: Path, nbytes: int) -> None:

@@ -97,13 +97,23 @@ def shared_mode(mode: int) -> int:
     return mode & ~mask
 
 
+def shared_tempdir(parent: Path, name: str, suffix: str = ".tmp") -> Path:
+    """A new hidden directory in `parent`, to fill and rename into place,
+    with the permissions mkdir() would give it (see shared_mode)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=suffix, dir=parent))
+    os.chmod(tmp, shared_mode(0o777))
+    return tmp
+
+
 def atomic_write(path: Path, write) -> None:
     """`write(f)` into a temporary file beside `path`, then rename over it:
-    readers see the old file or the whole new one, never a part."""
+    readers see the old file or the whole new one, never a part. The file
+    gets the permissions open() would give it (see shared_mode)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), shared_mode(0o666))
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -191,7 +201,7 @@ class RunDir:
         self.ckpt_root.mkdir(parents=True, exist_ok=True)
         name = f"ckpt-{meta['step']:08d}"
         final = self.ckpt_root / name
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=self.ckpt_root))
+        tmp = shared_tempdir(self.ckpt_root, name)
         try:
             checkpoint.write(str(tmp / "state"))
             atomic_write_json(tmp / "meta.json", meta)

@@ -130,14 +130,13 @@ class Simulation:
         process round can --init from it; staged under a temporary name."""
         import os
         import shutil
-        import tempfile
         import zipfile
         from pathlib import Path
 
         from . import checkpoint as ck
         from .files import controls
         out = Path(out)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        tmp = ck.shared_tempdir(out.parent, out.name)
         try:
             self.set_weights(weights)
             manifest = {"kind": "merge", "model": self.model_cfg, "lineage": self.lineage, "format": ck.FORMAT,
@@ -153,9 +152,6 @@ class Simulation:
             if server_control is not None:
                 controls.write(tmp, "server", {"control": server_control}, self.lineage, record.get("round"),
                                clients=clients)
-            for f in tmp.iterdir():
-                os.chmod(f, ck.shared_mode(0o666))
-            os.chmod(tmp, ck.shared_mode(0o777))
             os.rename(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.checkpoint import atomic_write
+from trainer.checkpoint import atomic_write, shared_tempdir
 from trainer.errors import UsageError
 
 __all__ = ["FORMAT", "save_sparse", "load_sparse", "export_savedmodel"]
@@ -353,7 +353,7 @@ def export_savedmodel(model, path) -> None:
         raise UsageError(f"{path}: exists and is not a directory; remove it or choose another path")
     if not path.parent.is_dir():
         raise UsageError(f"{path}: directory {path.parent} does not exist; create it first")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = shared_tempdir(path.parent, path.name)
     old = None
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # Keras prints the temporary name

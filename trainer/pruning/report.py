@@ -13,12 +13,11 @@ all zeros, and that is not pruning.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from trainer.checkpoint import atomic_write
 from trainer.errors import UsageError
 
 __all__ = ["sparsity_rows", "format_table", "plot_sparsity"]
@@ -133,11 +132,4 @@ def plot_sparsity(rows, path) -> None:
     ax.set_xlabel("zeros (% of entries)")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
