@@ -23,14 +23,15 @@ def decide(res: dict) -> tuple[str, str]:
                         f"the ends' mean loss {ends:.3f}: no good average exists, combine their predictions")
 
 
-def auto(a: str, b: str, data: str, out: str, data_dir=None, overwrite: bool = False) -> dict:
+def auto(a: str, b: str, data: str, out: str, data_dir=None, overwrite: bool = False,
+         recorded: bool = False) -> dict:
     from trainer.errors import UsageError
 
     from .output import check_output
     if not out.endswith(".keras"):
         raise UsageError(f"-o {out}: auto writes a .keras file; end the name with .keras")
     check_output(out, [a, b], overwrite)
-    res = barrier(a, b, data, data_dir)
+    res = barrier(a, b, data, data_dir, recorded=recorded)
     choice, why = decide(res)
     if choice == "ensemble":
         from .ensemble import write_ensemble
@@ -40,4 +41,4 @@ def auto(a: str, b: str, data: str, out: str, data_dir=None, overwrite: bool = F
         o = Options(inputs=[a, b], out=out, force=True, uniform=True, align=choice == "align", overwrite=overwrite,
                     quiet=True)
         fedavg(o)
-    return {"choice": choice, "why": why, "barrier": res["barrier"]}
+    return {"choice": choice, "why": why, "barrier": res["barrier"], "out": out, "data": data}

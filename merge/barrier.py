@@ -6,7 +6,6 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from trainer.data import load_dataset
 from trainer.errors import UsageError
 
 from .align import align, set_weights, weights_of
@@ -20,10 +19,12 @@ def _score(model, x, y) -> tuple[float, float]:
     return float(np.mean(keras.ops.convert_to_numpy(loss))), float(np.mean(np.argmax(scores, -1) == y))
 
 
-def barrier(path_a: str, path_b: str, data: str, data_dir=None, points: int = 11, aligned: bool = True) -> dict:
+def barrier(path_a: str, path_b: str, data: str, data_dir=None, points: int = 11, aligned: bool = True,
+            recorded: bool = False) -> dict:
     if points < 3:
         raise UsageError(f"--points {points}: need at least 3")
-    ds = load_dataset(data, data_dir)
+    from .records import load_default
+    ds = load_default(data, data_dir, recorded)
     a, b = load_model(path_a), load_model(path_b)
     wa, wb = weights_of(a), weights_of(b)
     if wa.keys() != wb.keys() or any(wa[k].shape != wb[k].shape for k in wa):
@@ -41,7 +42,7 @@ def barrier(path_a: str, path_b: str, data: str, data_dir=None, points: int = 11
             loss, acc = _score(probe, ds.x_test, ds.y_test)
             rows.append({"alpha": float(t), "loss": loss, "accuracy": acc})
         curves[label] = rows
-    return {"points": alphas.tolist(), "curves": curves,
+    return {"a": str(path_a), "b": str(path_b), "data": data, "points": alphas.tolist(), "curves": curves,
             "barrier": {label: height(rows) for label, rows in curves.items()}}
 
 
@@ -62,21 +63,46 @@ def format_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+# Few enough points to mark each one: beyond this, markers hide the curve.
+MARKERS_UP_TO = 25
+LEGEND = {"naive": "B as it is (straight line)", "aligned": "B aligned to A"}
+
+
 def plot(res: dict, path) -> None:
+    """figure(res) written atomically as PNG."""
+    import matplotlib.pyplot as plt
+
+    from trainer.checkpoint import atomic_write
+    fig = figure(res)
+
+    def write(f):
+        fig.savefig(f, format="png", dpi=100)
+
+    try:
+        atomic_write(path, write)
+    finally:
+        plt.close(fig)
+
+
+def figure(res: dict):
+    """Loss and accuracy along the line, one curve per end (B as it is, B
+    aligned), titled with the two models and the data set."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from trainer.checkpoint import atomic_write
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    style = "o-" if len(res["points"]) <= MARKERS_UP_TO else "-"
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.9))
     for label, rows in res["curves"].items():
-        left.plot(res["points"], [r["loss"] for r in rows], "o-", label=label)
-        right.plot(res["points"], [r["accuracy"] for r in rows], "o-", label=label)
+        name = f"{LEGEND.get(label, label)}, barrier {res['barrier'][label]:.3f}"
+        left.plot(res["points"], [r["loss"] for r in rows], style, label=name)
+        right.plot(res["points"], [r["accuracy"] for r in rows], style, label=name)
     left.set(xlabel="alpha (0 = A, 1 = B)", ylabel="test loss", title="loss along the line")
     right.set(xlabel="alpha (0 = A, 1 = B)", ylabel="test accuracy", title="accuracy along the line", ylim=(0, 1))
     for ax in (left, right):
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
+    fig.suptitle(f"merge barrier: A = {res.get('a', 'A')}, B = {res.get('b', 'B')}"
+                 + (f", test split of {res['data']}" if res.get("data") else ""), fontsize=10)
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
+    return fig

@@ -15,20 +15,22 @@ from trainer.errors import UsageError
 
 from .layers import METHODS, Combine, Ensemble, normalize_weights
 from .models import load_model, output_kind, source_kind
+from .output import add_record
+from .records import common_data, recorded_data
 
 __all__ = ["build_ensemble", "write_ensemble", "METHODS"]
 
 
 def _check_method(method):
     if method not in METHODS:
-        raise UsageError(f"unknown ensemble method {method!r}; choose one of {', '.join(METHODS)}")
+        raise UsageError(f"--method {method}: choose one of {', '.join(METHODS)}")
 
 
 def _check_weights(weights, names) -> list[float]:
     try:
         return normalize_weights(weights, len(names))
     except (TypeError, ValueError) as e:
-        raise UsageError(f"bad weights for {', '.join(names)}: {e}; give one number >= 0 per model, "
+        raise UsageError(f"--weights for {', '.join(names)}: {e}; give one number >= 0 per model, "
                          "not all zero") from None
 
 
@@ -99,7 +101,7 @@ def write_ensemble(paths: list[str], out: str, method: str = "mean", weights=Non
     _check_weights(weights, paths)
     out_path = Path(out)
     if not str(out).endswith(".keras"):
-        raise UsageError(f"output {out}: an ensemble is saved as one .keras file; name it *.keras")
+        raise UsageError(f"-o {out}: an ensemble is saved as one .keras file; name it *.keras")
     resolved = {}
     for p in paths:
         key = Path(p).resolve()
@@ -109,22 +111,25 @@ def write_ensemble(paths: list[str], out: str, method: str = "mean", weights=Non
     target = out_path.resolve()
     for key, p in resolved.items():
         if target == key:
-            raise UsageError(f"output {out} is the input {p}; write the ensemble elsewhere")
+            raise UsageError(f"-o {out} is the input {p}; write the ensemble elsewhere")
         if key.is_dir() and key in target.parents:
-            raise UsageError(f"output {out} is inside the input directory {p}; write the ensemble elsewhere")
+            raise UsageError(f"-o {out} is inside the input directory {p}; write the ensemble elsewhere")
     if out_path.is_dir():
-        raise UsageError(f"output {out} is a directory; give a file name ending in .keras")
+        raise UsageError(f"-o {out} is a directory; give a file name ending in .keras")
     if not out_path.parent.is_dir():
-        raise UsageError(f"output {out}: directory {out_path.parent} does not exist")
+        raise UsageError(f"-o {out}: directory {out_path.parent} does not exist")
     if out_path.exists() and not overwrite:
-        raise UsageError(f"output {out} already exists; choose another name or pass --overwrite")
+        raise UsageError(f"-o {out} already exists; choose another name or pass --overwrite")
     kinds = [source_kind(p) for p in paths]  # every path checked before any slow load
 
     model = build_ensemble([load_model(p) for p in paths], method, weights, names=paths)
+    data = common_data(recorded_data(p) for p in paths)
     try:
         export_keras(model, out_path)
+        if data:  # `merge evaluate ENSEMBLE` then needs no --data
+            add_record(out_path, {"data": {"name": data}})
     except OSError as e:
-        raise UsageError(f"output {out}: cannot write ({e.strerror or e})") from None
+        raise UsageError(f"-o {out}: cannot write ({e.strerror or e})") from None
     combine = model.get_layer("combine")
     return {
         "out": str(out),
@@ -135,4 +140,5 @@ def write_ensemble(paths: list[str], out: str, method: str = "mean", weights=Non
         "num_classes": int(model.output_shape[-1]),
         "input_shape": list(model.input_shape[1:]),
         "params": int(model.count_params()),
+        "data": data,
     }

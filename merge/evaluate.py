@@ -1,19 +1,18 @@
 """Score models (members, averages, ensembles) side by side on one test split."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import keras
 import numpy as np
 
-from trainer.checkpoint import atomic_write, shared_mode
-from trainer.data import load_dataset
+from trainer.checkpoint import atomic_write
 from trainer.errors import UsageError
 
 from .models import load_model, output_kind, source_kind
+from .records import load_default
 
-__all__ = ["evaluate", "format_table", "plot"]
+__all__ = ["evaluate", "format_table", "plot", "figure"]
 
 
 def _fits(model_shape, data_shape) -> bool:
@@ -37,17 +36,18 @@ def _check_fit(model, path, data) -> None:
                          f"{data.num_classes}; evaluate it on the data it was trained for")
 
 
-def evaluate(paths: list[str], data: str, data_dir=None, batch_size: int = 256) -> list[dict]:
-    """One row per path: path, kind, loss, accuracy, params, on the test split of ``data``."""
+def evaluate(paths: list[str], data: str, data_dir=None, batch_size: int = 256, recorded: bool = False) -> list[dict]:
+    """One row per path: path, kind, loss, accuracy, params, on the test split
+    of ``data`` (``recorded``: a name the inputs recorded, not the user's --data)."""
     paths = [str(p) for p in paths]
     if not paths:
         raise UsageError("nothing to evaluate; give at least one model")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UsageError(f"batch size must be a positive integer, got {batch_size!r}")
     kinds = [source_kind(p) for p in paths]  # a typo fails before the data loads
-    ds = load_dataset(data, data_dir)
+    ds = load_default(data, data_dir, recorded)
     if len(ds.x_test) == 0:
-        raise UsageError(f"{data}: the test split is empty; nothing to score")
+        raise UsageError(f"--data {data}: the test split is empty; nothing to score")
     rows = []
     for path, kind in zip(paths, kinds):
         model = load_model(path)
@@ -93,29 +93,12 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in body)])
 
 
-def plot(rows: list[dict], png_path) -> None:
-    """Horizontal bars of test accuracy, one per row, written atomically as PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
+def plot(rows: list[dict], png_path, data: str | None = None) -> None:
+    """figure(rows, data) written atomically as PNG."""
     import matplotlib.pyplot as plt
-
-    labels = [r["path"] for r in rows]
-    acc = [r["accuracy"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.45 * len(rows)))
-    # First row on top, as in the table.
-    ypos = list(range(len(rows)))[::-1]
-    ax.barh(ypos, acc, color="tab:blue")
-    ax.set_yticks(ypos, labels)
-    ax.set_xlim(0, 1.08)
-    ax.set_xlabel("test accuracy")
-    for y, a in zip(ypos, acc):
-        ax.text(a + 0.01, y, f"{a:.4f}", va="center", fontsize=8)
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
+    fig = figure(rows, data)
 
     def write(f):
-        # atomic_write's temporary file is private (0600); a plot is for sharing.
-        os.fchmod(f.fileno(), shared_mode(0o666))
         fig.savefig(f, format="png", dpi=100)
 
     try:
@@ -123,3 +106,32 @@ def plot(rows: list[dict], png_path) -> None:
     finally:
         plt.close(fig)
 
+
+def figure(rows: list[dict], data: str | None = None):
+    """Horizontal bars of test accuracy, one per row, coloured by kind (run,
+    merge, .keras, ...), titled with the data set."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["path"] for r in rows]
+    acc = [r["accuracy"] for r in rows]
+    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    colour = {k: f"C{i}" for i, k in enumerate(kinds)}
+    fig, ax = plt.subplots(figsize=(7, 1.6 + 0.45 * len(rows)))
+    # First row on top, as in the table.
+    ypos = list(range(len(rows)))[::-1]
+    for kind in kinds:
+        mine = [i for i, r in enumerate(rows) if r["kind"] == kind]
+        ax.barh([ypos[i] for i in mine], [acc[i] for i in mine], color=colour[kind], label=kind)
+    ax.set_yticks(ypos, labels)
+    ax.set_xlim(0, 1.12)
+    ax.set_xlabel("test accuracy" + (f" on {data}" if data else ""))
+    ax.set_title(f"merge evaluate: {len(rows)} model{'s' if len(rows) != 1 else ''}"
+                 + (f" on the test split of {data}" if data else ""), fontsize=10)
+    for y, a in zip(ypos, acc):
+        ax.text(a + 0.01, y, f"{a:.4f}", va="center", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(title="kind", fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig

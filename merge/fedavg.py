@@ -15,6 +15,7 @@ from trainer.errors import UsageError
 from .aggregate import Select, first_of, krum_index, parse_aggregator, reprune
 from .inputs import Inputs
 from .output import WeightsWriter, check_output
+from .records import common_data, data_name
 
 # Slabs bound memory by the slab, not the largest tensor. 8 MiB measured
 # faster than 64 MiB here (bench/merge_stream.py): the arithmetic stays in
@@ -45,6 +46,7 @@ class Options:
     recalibrate_bn: bool = False
     labels: list[str] | None = None   # how the manifest names the inputs (aligned copies are temporary)
     input_rounds: list[int | None] | None = None  # the rounds of what `labels` names
+    input_data: list[str | None] | None = None     # the data sets of what `labels` names
     warnings: list[str] = field(default_factory=list)
     method: str = "fedavg"
     stage: "Callable[[Path], dict] | None" = None  # writes beside the weights, returns manifest entries
@@ -57,6 +59,13 @@ def validate(o: Options) -> None:
         raise UsageError(f"--target-sparsity {o.target_sparsity}: must be in [0, 1)")
     if o.weights is not None and o.uniform:
         raise UsageError("--weights and --uniform contradict each other; pass one")
+    if o.aggregator != "mean" and (o.weights is not None or o.uniform):
+        raise UsageError(f"--{'weights' if o.weights is not None else 'uniform'} weights the mean, and "
+                         f"--aggregator {o.aggregator} ignores weights (a bad input could fake its sample "
+                         "count); drop one of them")
+    if o.data_dir and not o.data:
+        raise UsageError("--data-dir names where --data's files are, and no --data is given; add --data NAME "
+                         "or drop --data-dir")
     check_output(o.out, o.inputs, o.overwrite)
 
 
@@ -94,6 +103,7 @@ def _aligned(o: Options) -> dict:
         weights = _weights(inputs, o)
         rounds = [round_of(s.manifest) for s in inputs.sources]
         samples = [s.samples for s in inputs.sources]
+        data = [data_name(s.manifest.get("data")) for s in inputs.sources]
     base = load_model(o.inputs[0])
     out = Path(o.out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.align.", suffix=".tmp", dir=out.parent))
@@ -109,7 +119,8 @@ def _aligned(o: Options) -> dict:
             paths.append(str(tmp / f"aligned-{i}.keras"))
         # Aligned copies of different initializations: lineage no longer applies.
         inner = replace(o, inputs=paths, weights=weights, uniform=False, align=False, recalibrate_bn=False,
-                        force=True, labels=list(o.inputs), input_rounds=rounds, warnings=[])
+                        force=True, labels=list(o.inputs), input_rounds=rounds, input_data=data,
+                        warnings=[])
         summary = _fedavg(inner)
         # Of the copies' warnings only the rounds (the originals') still apply.
         o.warnings.extend(w for w in inner.warnings if "different rounds" in w)
@@ -152,6 +163,9 @@ def _fedavg(o: Options) -> dict:
         weights = _weights(inputs, o)
         masked = any(s.has_mask(k) for s in inputs.sources for k in keys) or o.infer_masks
         policy = o.mask_policy or "intersection"
+        if o.mask_policy and not masked:
+            raise UsageError(f"--mask-policy {o.mask_policy} combines pruned inputs' masks, and no input records "
+                             "masks; drop it, or add --infer-masks to read exact zeros of kernels as masks")
         if o.target_sparsity is not None and not masked:
             raise UsageError("--target-sparsity re-prunes pruned inputs, and no input records masks; "
                              "add --infer-masks to read exact zeros of a pruned .keras as its mask")
@@ -171,6 +185,7 @@ def _fedavg(o: Options) -> dict:
                 "mask_policy": policy if masked else None,
                 "model": inputs.sources[0].model_cfg, "lineage": lineage, "round": round_,
                 "samples_seen": sum(s.samples or 0 for s in inputs.sources),
+                "data": _data(inputs, o),
                 "inputs": [{"path": label, "format": s.format, "weight": w, "samples_seen": s.samples,
                             "lineage": s.lineage}
                            for s, w, label in zip(inputs.sources, weights, o.labels or [s.path for s in inputs.sources])],
@@ -223,6 +238,13 @@ def _check_lineage(inputs: Inputs, o: Options) -> str | None:
     if known and not unknown and len(set(known.values())) == 1:
         return next(iter(known.values()))
     return None
+
+
+def _data(inputs: Inputs, o: Options) -> dict | None:
+    """The data set the inputs agree on, recorded so that `merge evaluate`
+    of the output needs no --data."""
+    name = common_data(o.input_data or [data_name(s.manifest.get("data")) for s in inputs.sources])
+    return None if name is None else {"name": name}
 
 
 def _round(inputs: Inputs, o: Options) -> int | None:

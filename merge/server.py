@@ -68,25 +68,81 @@ def step_tensor(opt: ServerRule, previous: np.ndarray, average: np.ndarray, slot
     return opt.update(x64, delta, slots).astype(np.asarray(previous).dtype)
 
 
+def hyperparameters(rule: str, lr: float, beta1: float, beta2: float, tau: float) -> dict:
+    """What a rule's state depends on: FedAvgM's momentum is built with lr and
+    beta1 only; the adaptive rules' moments with all four."""
+    used = {"server_lr": lr, "beta1": beta1}
+    if rule != "fedavgm":
+        used.update(beta2=beta2, tau=tau)
+    return used
+
+
+def _describe(rule: str, params: dict) -> str:
+    return f"{rule} (" + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in params.items()) + ")"
+
+
+def check_state(f: h5py.File, path: str, rule: str, params: dict, warnings: list[str]) -> None:
+    """Refuse a --state another rule or other hyperparameters wrote: its
+    moments would steer this rule's steps. A file from before the record
+    (slots only) is accepted when its slots fit the rule, with a warning."""
+    recorded = f.attrs.get("rule")
+    if recorded is None:
+        slots = sorted(k for k in f.keys())
+        if slots and slots != sorted(RULES[rule].slots):
+            raise UsageError(f"--state {path} holds the slots {', '.join(slots)}, not those of {rule} "
+                             f"({', '.join(RULES[rule].slots)}): another server optimizer wrote it; "
+                             "give a new --state file to start this one fresh")
+        warnings.append(f"--state {path} does not record which optimizer wrote it (an older version); "
+                        f"continuing it as {_describe(rule, params)}, which it records from now on")
+        return
+    recorded = recorded.decode() if isinstance(recorded, bytes) else str(recorded)
+    theirs = {k: float(f.attrs[k]) for k in hyperparameters(recorded, 0, 0, 0, 0) if k in f.attrs}
+    if recorded != rule or theirs != params:
+        raise UsageError(f"--state {path} was written by {_describe(recorded, theirs)}, but this step is "
+                         f"{_describe(rule, params)}; pass the same --optimizer and hyperparameters to "
+                         "continue it, or give a new --state file to start fresh")
+
+
 def server_step(prev: str, average: str, out: str, rule: str, state: str, lr: float = 1.0,
                 beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3, overwrite: bool = False) -> dict:
     """New global = rule(previous global, this round's FedAvg). `state` is
-    created on the first round and updated in place (temporary + rename)."""
+    created on the first round and updated in place (temporary + rename);
+    it records the rule and its hyperparameters, and a mismatch is refused."""
     if rule not in RULES:
         raise UsageError(f"--optimizer {rule}: choose one of {', '.join(RULES)}")
-    if not (lr > 0 and 0 <= beta1 < 1 and 0 <= beta2 < 1 and tau > 0):
-        raise UsageError("--server-lr and --tau must be > 0, --beta1 and --beta2 in [0, 1)")
+    for flag, value, ok in (("--server-lr", lr, lr > 0), ("--tau", tau, tau > 0),
+                            ("--beta1", beta1, 0 <= beta1 < 1), ("--beta2", beta2, 0 <= beta2 < 1)):
+        if not ok:
+            raise UsageError(f"{flag} {value:g}: must be " + ("> 0" if flag in ("--server-lr", "--tau")
+                                                               else "in [0, 1)"))
     check_output(out, [prev, average], overwrite)
     opt = RULES[rule](lr, beta1, beta2, tau)
+    params = hyperparameters(rule, lr, beta1, beta2, tau)
+    warnings: list[str] = []
     state_path = Path(state)
+    if state_path.is_dir():
+        raise UsageError(f"--state {state}: is a directory; give an HDF5 file name (created if missing)")
+    if not state_path.parent.is_dir():
+        raise UsageError(f"--state {state}: directory {state_path.parent} does not exist")
+    old = None
+    if state_path.exists():
+        from trainer.files.hdf5 import open_h5
+        old = open_h5(state_path, f"--state {state}")
+        try:
+            check_state(old, state, rule, params, warnings)
+        except BaseException:
+            old.close()
+            raise
     with Inputs([prev, average]) as inputs:
         keys = inputs.check_tensors()
         a, b = inputs.sources
-        old = h5py.File(state_path, "r") if state_path.exists() else None
         tmp_state = state_path.with_name(f".{state_path.name}.tmp")
         writer = WeightsWriter(out, inputs.config)
         try:
             with h5py.File(tmp_state, "w") as new_state:
+                new_state.attrs["rule"] = rule
+                for k, v in params.items():
+                    new_state.attrs[k] = v
                 for key in keys:
                     shape, dtype = a.info(key)
                     x = np.asarray(a.read(key))
@@ -113,6 +169,7 @@ def server_step(prev: str, average: str, out: str, rule: str, state: str, lr: fl
             if old is not None:
                 old.close()
         tmp_state.replace(state_path)
+    manifest["warnings"] = warnings
     return manifest
 
 
@@ -130,5 +187,5 @@ def _carry_controls(average: str, staged: Path, manifest: dict, recorded: dict) 
 
 
 def _manifest_of(source) -> dict:
-    keep = ("model", "lineage", "round", "samples_seen", "inputs", "mask_policy", "aggregator")
+    keep = ("model", "lineage", "round", "samples_seen", "inputs", "mask_policy", "aggregator", "data")
     return {k: source.manifest.get(k) for k in keep}
