@@ -78,3 +78,54 @@ def test_federated_rounds_with_server_momentum(tmp_path):
     assert manifest(tmp_path / "fed" / "round-002" / "global")["server"]["rule"] == "fedavgm"
     assert manifest(tmp_path / "fed" / "round-002" / "average")["aggregator"] == "median"
     assert (tmp_path / "fed" / "server_state.h5").exists()
+
+
+def _step(capfd, *argv):
+    from merge.cli import main
+    code = main(["server-step", *map(str, argv)])
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def _error(result) -> str:
+    code, out, err = result
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and out == "" and len(lines) == 1 and lines[0].startswith("error: "), result
+    return lines[0]
+
+
+def test_state_records_its_rule_and_refuses_another(tmp_path, capfd, monkeypatch):
+    """A state file names the rule and hyperparameters that built its moments;
+    continuing it with others is refused, the file and the output untouched."""
+    import h5py
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(2)
+    x0 = [rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=3).astype(np.float32)]
+    _save(tmp_path / "g0.keras", x0)
+    _save(tmp_path / "avg.keras", [w + 0.1 for w in x0])
+    code, _, err = _step(capfd, "g0.keras", "avg.keras", "-o", "g1.keras", "--state", "s.h5", "--server-lr", "0.5")
+    assert code == 0 and "warning" not in err
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        assert dict(f.attrs) == {"rule": "fedavgm", "server_lr": 0.5, "beta1": 0.9}
+    before = (tmp_path / "s.h5").read_bytes()
+    line = _error(_step(capfd, "g1.keras", "avg.keras", "-o", "g2.keras", "--state", "s.h5", "--optimizer", "fedadam",
+                        "--server-lr", "0.5"))
+    assert line == ("error: --state s.h5 was written by fedavgm (--server-lr 0.5, --beta1 0.9), but this step is "
+                    "fedadam (--server-lr 0.5, --beta1 0.9, --beta2 0.99, --tau 0.001); pass the same --optimizer "
+                    "and hyperparameters to continue it, or give a new --state file to start fresh")
+    assert "--beta1 0.5)" in _error(_step(capfd, "g1.keras", "avg.keras", "-o", "g2.keras", "--state", "s.h5",
+                                          "--server-lr", "0.5", "--beta1", "0.5"))
+    assert "--tau applies to fedadam and fedyogi" in _error(
+        _step(capfd, "g1.keras", "avg.keras", "-o", "g2.keras", "--state", "s.h5", "--tau", "0.1"))
+    assert (tmp_path / "s.h5").read_bytes() == before and not (tmp_path / "g2.keras").exists()
+
+    # A state from before the record: continued when its slots fit the rule, with a warning.
+    with h5py.File(tmp_path / "s.h5", "a") as f:
+        for k in list(f.attrs):
+            del f.attrs[k]
+    assert "holds the slots m, not those of fedyogi (m, v)" in _error(
+        _step(capfd, "g1.keras", "avg.keras", "-o", "g2.keras", "--state", "s.h5", "--optimizer", "fedyogi"))
+    code, _, err = _step(capfd, "g1.keras", "avg.keras", "-o", "g2.keras", "--state", "s.h5", "--server-lr", "0.5")
+    assert code == 0 and err.startswith("warning: --state s.h5 does not record which optimizer wrote it")
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        assert f.attrs["rule"] == "fedavgm"
