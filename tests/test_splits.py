@@ -17,7 +17,7 @@ def partition(y, clients, spec, seed=0, **kw):
 
 @pytest.mark.parametrize("spec", ["iid", "dirichlet:0.5", "dirichlet:0.01", "dirichlet:100",
                                   "classes:1", "classes:2", "classes:3", "classes:5",
-                                  "classes:20"])
+                                  "classes:10"])
 @pytest.mark.parametrize("clients", [1, 2, 3, 7])
 def test_disjoint_and_complete(spec, clients):
     y = labels(997)  # not a multiple of anything convenient
@@ -83,10 +83,18 @@ def test_classes_shared_class_divided_evenly():
         assert n0 > 0 and n3 > 0 and abs(n0 - n3) <= 1
 
 
-def test_classes_more_than_available_means_all_classes():
+def test_classes_as_many_as_available_means_all_classes():
     y = labels()
-    parts = partition(y, 3, "classes:20")
+    parts = partition(y, 3, "classes:10")
     assert all(set(y[p]) == set(range(10)) for p in parts)
+
+
+def test_classes_more_than_available_is_refused():
+    # classes:20 on 10 classes would silently be an iid split.
+    with pytest.raises(UsageError) as e:
+        partition(labels(), 3, "classes:20")
+    assert str(e.value) == ("--split classes:20: the data set has 10 classes, so a client cannot hold 20; "
+                            "use classes:C with C <= 10, or iid")
 
 
 def test_classes_use_num_classes_for_a_subset():

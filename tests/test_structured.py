@@ -479,7 +479,7 @@ def test_bad_per_layer_fraction_and_bad_keep_are_refused():
         select_units(model, {"dense1": 1.0})
     with pytest.raises(UsageError, match="no prunable layer 'nope'"):
         select_units(model, {"nope": 0.5})
-    with pytest.raises(UsageError, match="bad layer_regex"):
+    with pytest.raises(UsageError, match="--layers .*not a regular expression"):
         select_units(model, 0.5, layer_regex="(")
     for keep, match in [
         ({"dense1": []}, "keeps no unit"),

@@ -20,12 +20,26 @@ def read_init(path) -> dict:
     if p.is_dir():
         return _recorded(ck.read_manifest(p))
     if p.suffix == ".keras":
+        from .files.archive import read_keras
+        archive = read_keras(p, weights=False)
+        if is_ensemble(archive.config):
+            # Its members' weights would be matched to the model by name,
+            # and one member's copied: a run from an arbitrary member.
+            raise UsageError(f"--init {path}: an ensemble (`python -m merge ensemble`) combines several models "
+                             "and cannot be trained from; pass one of its members (a run directory or "
+                             ".keras) instead")
         # Written by `trainer` or `merge`, it carries its manifest's record;
         # saved by Keras alone, nothing.
-        return _recorded(ck.read_record(p))
+        return _recorded(archive.recorded)
     if p.suffix == ".h5":
         return _recorded({})
     raise UsageError(f"--init {path}: expected an init or run directory, a .keras or a .weights.h5 file")
+
+
+def is_ensemble(config: dict) -> bool:
+    """A .keras config of `merge ensemble`'s model (merge.layers.Ensemble)."""
+    return config.get("registered_name") == "merge>Ensemble" or (
+        config.get("class_name") == "Ensemble" and str(config.get("module", "")).startswith("merge"))
 
 
 def _recorded(record: dict) -> dict:

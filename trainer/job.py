@@ -31,31 +31,34 @@ class Options:
     seed: int = 0
     out: str | None = None
     backend: str = "auto"
-    devices: int = 0
-    threads: int = 0
+    devices: int | None = None  # mirrored only; None: every visible device
+    threads: int | None = None  # None: auto, the cores divided among the local ranks
     fp16_allreduce: bool = False
     accum_steps: int = 1
     pin_cores: bool = True
     resume: bool = False
     init: str | None = None
     keep: int = 3
-    max_steps: int = 0
+    max_steps: int | None = None  # None: no limit
     save_every_steps: int = 0
     client: int | None = None
     clients: int | None = None
-    split: str = "iid"
+    split: str | None = None  # None: iid (given only with --clients)
     split_seed: int | None = None
     prox_mu: float | None = None
     scaffold: str | None = None  # None: off; "": the client's first round; else its previous run
     dropout: float = 0.0
     recurrent_dropout: float = 0.0
     quiet: bool = False
+    json: bool = False
     prune: bool = False
-    target_sparsity: float = 0.8
-    prune_schedule: str = "polynomial"
-    prune_begin: int = 0
-    prune_end: int = -1
-    prune_every: int = 10
+    # None: not given, PruneConfig's default. Given without --prune or
+    # --structured they would change nothing, so validate() refuses them.
+    target_sparsity: float | None = None
+    prune_schedule: str | None = None
+    prune_begin: int | None = None
+    prune_end: int | None = None
+    prune_every: int | None = None
     prune_layers: str | None = None
     prune_config: str | None = None
     freeze: str | None = None
@@ -66,34 +69,17 @@ class Options:
 
 
 def validate(o: Options) -> None:
-    for name in ("epochs", "batch_size", "keep", "accum_steps"):
-        if getattr(o, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(o, name)}")
-    for name in ("dropout", "recurrent_dropout"):
-        if not 0.0 <= getattr(o, name) < 1.0:
-            raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(o, name)}")
-    if (o.client is None) != (o.clients is None):
-        raise UsageError("--client and --clients go together (e.g. --client 0 --clients 2)")
-    if o.resume and not o.out:
-        raise UsageError("--resume needs --out RUN_DIR, the run to continue")
-    if o.freeze and o.structured:
-        raise UsageError("--freeze and --structured exclude each other: removing whole units "
-                         "would remove frozen weights too")
-    if o.prox_mu is not None and not (o.prox_mu >= 0 and o.prox_mu < float("inf")):
-        raise UsageError(f"--prox-mu must be a finite number >= 0, got {o.prox_mu}")
-    if o.resume and o.init:
-        raise UsageError("--resume and --init exclude each other: a resumed run keeps its own start")
-    if o.scaffold is not None and not (o.init or o.resume):
-        raise UsageError("--scaffold trains a client from the round's global: pass --init GLOBAL "
-                         "(the directory `python -m merge scaffold` or `trainer init` wrote)")
-    if o.verify_every_steps < 0:
-        raise UsageError(f"--verify-every-steps must be 0 (only at checkpoints) or more, got {o.verify_every_steps}")
+    """UsageError for flags that are out of range, contradict each other or would do nothing."""
+    from .flags import validate as check_flags
+    check_flags(o)
 
 
 def prune_config(o: Options):
     from .pruning.config import PruneConfig, read_per_layer
-    cfg = PruneConfig(target=o.target_sparsity, schedule=o.prune_schedule, begin=o.prune_begin, end=o.prune_end,
-                      every=o.prune_every, per_layer=read_per_layer(o.prune_config) if o.prune_config else {},
+    given = {k: v for k, v in (("target", o.target_sparsity), ("schedule", o.prune_schedule),
+                               ("begin", o.prune_begin), ("end", o.prune_end), ("every", o.prune_every))
+             if v is not None}
+    cfg = PruneConfig(**given, per_layer=read_per_layer(o.prune_config) if o.prune_config else {},
                       structured=o.structured)
     if o.prune_layers:
         cfg.layers = o.prune_layers
@@ -137,9 +123,10 @@ def load_data(o: Options, model: str):
 def client_share(data, o: Options):
     """The training samples of client `o.client` (test set unchanged)."""
     from .splits import client_indices
-    idx = client_indices(data.y_train, o.client, o.clients, o.split, _split_seed(o), num_classes=data.num_classes)
+    split = o.split or "iid"
+    idx = client_indices(data.y_train, o.client, o.clients, split, _split_seed(o), num_classes=data.num_classes)
     if len(idx) == 0:
-        raise UsageError(f"client {o.client} of {o.clients} gets no samples under --split {o.split}")
+        raise UsageError(f"client {o.client} of {o.clients} gets no samples under --split {split}")
     return type(data)(data.name, data.x_train[idx], data.y_train[idx], data.x_test, data.y_test, data.num_classes)
 
 
@@ -191,7 +178,8 @@ def run(o: Options) -> dict:
         run_dir.clean_partial()
         manifest = _run_manifest(o, plan, backend, data, model_cfg, plan["lineage"] or ck.fingerprint(model.weights))
         run_dir.write_manifest({**(run_dir.manifest() if o.resume else {}), **manifest})
-    reporter = ChiefReporter(plan["out"], quiet=o.quiet) if backend.is_chief else Reporter()
+    title = f"{Path(plan['out']).name}: {model_cfg['name']} on {o.data}"
+    reporter = ChiefReporter(plan["out"], quiet=o.quiet, json=o.json, title=title) if backend.is_chief else Reporter()
     reporter.line(f"training {model_cfg['name']} on {o.data} ({len(data.x_train)} samples) with "
                   f"{backend.describe()}, {o.batch_size}/replica, run dir {plan['out']}"
                   + (f", resuming at step {state.step}" if o.resume else ""))
@@ -203,7 +191,7 @@ def run(o: Options) -> dict:
             run_dir.save(checkpoint, meta, {"step": st.step, "epoch": st.epoch, "samples_seen": st.samples_seen})
 
     cfg = LoopConfig(epochs=o.epochs, batch_size=o.batch_size, seed=o.seed, accum_steps=o.accum_steps,
-                     max_steps=o.max_steps, save_every_steps=o.save_every_steps)
+                     max_steps=o.max_steps or 0, save_every_steps=o.save_every_steps)
     hooks = step_hooks(masks, prox, scaffold)
     hooks["after_step"] = [*hooks["after_step"], check.after_step]
     speed = train(model, optimizer, backend, data, cfg, state, reporter, save, **hooks)
@@ -287,7 +275,7 @@ def _server_control(o: Options, plan: dict):
 
 def _run_manifest(o: Options, plan: dict, backend, data, model_cfg: dict, lineage: str) -> dict:
     from . import checkpoint as ck
-    split = None if o.clients is None else {"client": o.client, "clients": o.clients, "spec": o.split,
+    split = None if o.clients is None else {"client": o.client, "clients": o.clients, "spec": o.split or "iid",
                                             "seed": _split_seed(o)}
     manifest = {
         "kind": "run",
@@ -337,6 +325,14 @@ def _finish(backend, model, data, run_dir, reporter, speed: dict, state, out: st
                   f"samples/s={speed['samples_per_sec']:.1f} steps={state.step} "
                   f"replicas={backend.num_replicas} backend={backend.describe()}")
     reporter.close()
+    if run_dir:  # --json: the same numbers as the manifest's, for scripts
+        recorded = run_dir.manifest()
+        reporter.summary({"run_dir": str(out), "model": recorded["model"]["name"], "data": recorded["data"]["name"],
+                          "backend": backend.describe(), "replicas": backend.num_replicas, "steps": state.step,
+                          "epoch": state.epoch, "samples_seen": state.samples_seen, "test_loss": test["loss"],
+                          "test_accuracy": test["accuracy"], "samples_per_sec": speed["samples_per_sec"],
+                          "lineage": recorded.get("lineage"), "round": recorded.get("round"),
+                          **({"sparsity": extra["pruning"]["sparsity"]} if "pruning" in extra else {})})
     return {"test": test, "speed": speed, "out": out, "state": state.to_dict()}
 
 
@@ -365,18 +361,24 @@ def _plan(o: Options) -> dict:
         plan.update(resume_prefix=prefix, lineage=manifest.get("lineage"), init_source=manifest.get("init"),
                     resume_state={k: meta[k] for k in ("epoch", "offset", "step", "samples_seen")},
                     expect_model=recorded, source=f"--resume {o.out}")
+        from .flags import check_resumed_options
+        check_resumed_options(o, recorded["options"])
         model, options = recorded["name"], recorded["options"]
     elif o.init:
         info = read_init(o.init)
         if info.get("model"):
             info["model"] = recorded_model(info["model"], f"--init {o.init}", named=model)
             if model and model != info["model"]["name"]:
-                raise UsageError(f"--init {o.init}: written for model {info['model']['name']!r}, not {model!r}")
+                raise UsageError(f"--init {o.init}: written for model {info['model']['name']!r}, not {model!r}; "
+                                 f"pass --model {info['model']['name']} or drop --model")
             model = info["model"]["name"]
             plan.update(expect_model={**info["model"], "options": options}, source=f"--init {o.init}")
         plan.update(lineage=info.get("lineage"), init_source=str(o.init), init_kind=info["kind"],
                     init_round=info["round"])
     model = model or "digits_cnn"
+    if not o.resume:
+        from .models import check_options
+        check_options(model, {"dropout": o.dropout, "recurrent_dropout": o.recurrent_dropout})
     out = o.out or default_out(model, o.data)
     if not o.resume and (Path(out) / ck.MANIFEST).exists():
         raise UsageError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")

@@ -12,7 +12,8 @@ Conventions shared by every registry model:
 * Every layer has an explicit, deterministic name, so two models built from the
   same name and options have the same weight names and their weights can be
   matched by name (model averaging, checkpoint restore, broadcast).
-* Options that do not apply to a model are ignored. Known options:
+* Options that do not apply to a model are ignored here (``python -m trainer``
+  refuses a nonzero rate flag for such a model: ``check_options``). Known options:
   ``dropout`` (float, 0.0), ``recurrent_dropout`` (float, 0.0),
   ``stateful`` (bool, False) and ``batch_size`` (int, required if stateful).
 """
@@ -310,6 +311,40 @@ def model_names() -> list[str]:
     return sorted(MODELS)
 
 
+# The options each registry model reads; the rest it ignores.
+MODEL_OPTIONS: dict[str, tuple[str, ...]] = {
+    "digits_cnn": (),
+    "cifar10_cnn": (),
+    "mlp": ("dropout",),
+    "lstm": ("dropout", "recurrent_dropout", "stateful", "batch_size"),
+    "cnn_lstm": ("dropout", "recurrent_dropout", "stateful", "batch_size"),
+}
+
+
+def check_options(name: str, options: dict) -> None:
+    """UsageError for a rate flag (--dropout, --recurrent-dropout) set on a
+    model that would ignore it: the run would train without dropout while
+    its manifest records the rate."""
+    given = {k: v for k, v in options.items() if v}
+    if not given:
+        return
+    name = name.strip()
+    if ":" in name:
+        accepted = set(_accepted_options(_user_function(name), given))
+    elif name in MODEL_OPTIONS:
+        accepted = set(MODEL_OPTIONS[name])
+    else:
+        return  # an unknown name is refused when it is built, with the list of names
+    for key in given:
+        if key not in accepted:
+            flag = "--" + key.replace("_", "-")
+            why = (f"its function takes no {key} argument" if ":" in name
+                   else f"it has no {key.replace('_', ' ')}")
+            takers = ", ".join(m for m, keys in MODEL_OPTIONS.items() if key in keys)
+            raise UsageError(f"{flag} does not apply to model {name} ({why}); drop {flag}, or pick a model "
+                             f"that takes it: {takers}, or a function of yours with a {key} argument")
+
+
 # --------------------------------------------------------------------------
 # build_model
 # --------------------------------------------------------------------------
@@ -340,6 +375,21 @@ def _accepted_options(function, options):
 
 
 def _build_user_model(name, input_shape, num_classes, options):
+    function = _user_function(name)
+    module_name, _, function_name = name.partition(":")
+    module_name, function_name = module_name.strip(), function_name.strip()
+    # Options the user's function does not declare are ignored, as for registry models.
+    model = function(input_shape, num_classes, **_accepted_options(function, options))
+    if not isinstance(model, keras.Model):
+        raise UsageError(
+            f"model {name!r}: {module_name}.{function_name}(input_shape, num_classes, ...) "
+            f"returned {type(model).__name__}, not a keras.Model; {_choices()}"
+        )
+    return _canonical_paths(model)
+
+
+def _user_function(name):
+    """The callable `package.module:function` names; UsageError if there is none."""
     module_name, _, function_name = name.partition(":")
     module_name, function_name = module_name.strip(), function_name.strip()
     if not module_name or not function_name or ":" in function_name:
@@ -363,14 +413,7 @@ def _build_user_model(name, input_shape, num_classes, options):
         raise UsageError(
             f"model {name!r}: {module_name}.{function_name} is not callable; {_choices()}"
         )
-    # Options the user's function does not declare are ignored, as for registry models.
-    model = function(input_shape, num_classes, **_accepted_options(function, options))
-    if not isinstance(model, keras.Model):
-        raise UsageError(
-            f"model {name!r}: {module_name}.{function_name}(input_shape, num_classes, ...) "
-            f"returned {type(model).__name__}, not a keras.Model; {_choices()}"
-        )
-    return _canonical_paths(model)
+    return function
 
 
 def _canonical_paths(model):

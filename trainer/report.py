@@ -6,6 +6,7 @@ which rank it is on.
 from __future__ import annotations
 
 import csv
+import json as json_module
 import sys
 from pathlib import Path
 
@@ -38,10 +39,16 @@ class _NullBar:
 
 
 class ChiefReporter(Reporter):
-    def __init__(self, run_dir: Path, quiet: bool = False):
+    """`json`: stdout carries only the final summary (one JSON document), so
+    every line, epoch lines included, goes to stderr."""
+
+    def __init__(self, run_dir: Path, quiet: bool = False, json: bool = False, title: str | None = None):
         import tensorflow as tf
         self.run_dir = Path(run_dir)
         self.quiet = quiet
+        self.json = json
+        self.stream = sys.stderr if json else sys.stdout
+        self.title = title or self.run_dir.name
         self.writer = tf.summary.create_file_writer(str(self.run_dir / "tb"))
         self.history: list[dict] = []
 
@@ -59,7 +66,11 @@ class ChiefReporter(Reporter):
         self._write_history()
 
     def line(self, text):
-        print(text, flush=True)
+        print(text, file=self.stream, flush=True)
+
+    def summary(self, doc: dict) -> None:
+        if self.json:
+            print(json_module.dumps(doc, indent=2, sort_keys=True), flush=True)
 
     def _write_history(self):
         keys = sorted({k for row in self.history for k in row}, key=lambda k: (k != "epoch", k))
@@ -73,26 +84,60 @@ class ChiefReporter(Reporter):
     def close(self):
         self.writer.close()
         if self.history:
-            plot_curves(self.history, self.run_dir / "curves.png")
+            plot_curves(self.history, self.run_dir / "curves.png", title=self.title)
 
 
-def plot_curves(history: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+# Up to this many epochs each one is drawn as a marker: a line alone hides
+# where the measurements are, and a single epoch would be no line at all.
+MARKERS_UP_TO = 30
+
+
+def curves_figure(history: list[dict], title: str | None = None):
+    """The loss and accuracy panels of `history` (one dict per epoch)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    marker = "o" if len(epochs) <= MARKERS_UP_TO else None
+    fig = Figure(figsize=(9, 3.8))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     for key, ax in (("loss", ax_loss), ("accuracy", ax_acc)):
+        values = []
         for split in ("train", "test"):
             name = f"{split}_{key}"
             if any(name in h for h in history):
-                ax.plot(epochs, [h.get(name) for h in history], marker="o", label=split)
+                ys = [h.get(name) for h in history]
+                values += [y for y in ys if y is not None]
+                ax.plot(epochs, ys, marker=marker, label=split)
         ax.set_xlabel("epoch")
         ax.set_title(key)
         ax.grid(alpha=0.3)
-        ax.legend()
+        # Epochs are whole: no 1.5 ticks, and one epoch is a point in a
+        # unit-wide window rather than at the centre of a 0.96-1.04 axis.
+        first, last = min(epochs), max(epochs)
+        if last - first < 12:  # MaxNLocator falls back to fractions below two integers
+            ax.set_xticks(range(first, last + 1))
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(first - 0.5, last + 0.5)
+        if values:
+            ax.set_ylim(*_y_limits(key, values))
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    return fig
+
+
+def _y_limits(key: str, values: list[float]) -> tuple[float, float]:
+    lo, hi = min(values), max(values)
+    if key == "accuracy":  # a fraction: show at least 0.1 of it, never beyond [0, 1]
+        pad = max(0.05, (hi - lo) * 0.1)
+        return max(0.0, lo - pad), min(1.0, hi + pad) + 0.01
+    return 0.0, (hi * 1.1 if hi > 0 else 1.0)  # a loss: from zero, so its size reads right
+
+
+def plot_curves(history: list[dict], path: Path, title: str | None = None) -> None:
+    from .checkpoint import atomic_write
+    fig = curves_figure(history, title)
+    atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=100))

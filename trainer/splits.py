@@ -25,7 +25,7 @@ def parse_split(spec: str) -> tuple[str, float | int | None]:
     kind, arg = kind.strip().lower(), arg.strip()
 
     def bad(why: str) -> UsageError:
-        return UsageError(f"bad client split {spec!r}: {why}; use {_FORMS}")
+        return UsageError(f"--split {spec}: {why}; use {_FORMS}")
 
     if kind == "iid":
         if sep:
@@ -67,6 +67,8 @@ def client_indices(y: np.ndarray, client: int, clients: int, spec: str, seed: in
       samples divided evenly among them. Classes held by nobody (when
       ``clients*C < K``) are assigned round-robin: the i-th such class, in
       class order, goes whole to client ``i % clients``, so no sample is lost.
+      C above K is refused: every client would hold every class, an iid
+      split under another name.
 
     K is ``num_classes`` if given, else ``max(y) + 1``; pass it when ``y`` is
     a subset (e.g. a test set) that may lack the highest class, so that the
@@ -74,10 +76,10 @@ def client_indices(y: np.ndarray, client: int, clients: int, spec: str, seed: in
     """
     kind, param = parse_split(spec)
     if isinstance(clients, bool) or not isinstance(clients, (int, np.integer)) or clients < 1:
-        raise UsageError(f"number of clients must be an integer >= 1, got {clients!r}")
+        raise UsageError(f"--clients must be an integer >= 1, got {clients!r}")
     if isinstance(client, bool) or not isinstance(client, (int, np.integer)) \
             or not 0 <= client < clients:
-        raise UsageError(f"client index must be in 0..{clients - 1}, got {client!r}")
+        raise UsageError(f"--client must be in 0..{clients - 1} (--clients {clients}), got {client!r}")
     y = _labels(y)
     k = int(y.max()) + 1 if len(y) else 0
     if num_classes is not None:
@@ -85,6 +87,10 @@ def client_indices(y: np.ndarray, client: int, clients: int, spec: str, seed: in
             raise UsageError(f"labels go up to {k - 1} but num_classes is {num_classes}; "
                              "pass the data set's class count")
         k = int(num_classes)
+    if kind == "classes" and param > k:
+        # Every client would hold every class: an iid split by another name.
+        raise UsageError(f"--split {spec}: the data set has {k} classes, so a client cannot hold {param}; "
+                         f"use classes:C with C <= {k}, or iid")
     if len(y) == 0:
         return np.empty(0, np.int64)
     rng = np.random.default_rng(seed)

@@ -117,7 +117,7 @@ def multiworker() -> StrategyBackend:
         raw = os.environ["TF_CONFIG"] = _tf_config_from_slurm()
     if not raw:
         raise UsageError("--backend multiworker needs TF_CONFIG (cluster.worker list and task index); "
-                         "see README 'tf.distribute'")
+                         "see the README section 'Several hosts with horovodrun'")
     try:
         cfg = json.loads(raw)
         workers = cfg["cluster"]["worker"]

@@ -108,7 +108,7 @@ def refuse(model, layer, reason, pruned=None) -> UsageError:
     if pruned is not None and pruned is not layer:
         where = f" is on the path of pruned layer {pruned.name!r} to the next Dense/Conv2D layer and"
     if pruned is not None:
-        advice = f"; exclude {pruned.name!r} from pruning (layer_regex or a per-layer fraction dict)"
+        advice = f"; exclude {pruned.name!r} from pruning (--prune-layers or --prune-config when training, --layers with `trainer slice`)"
     return UsageError(
         f"cannot prune model {model.name!r} structurally: layer {layer.name!r} "
         f"({type(layer).__name__}){where} {reason}{advice}; {SUPPORTED_TEXT}"
@@ -144,7 +144,7 @@ def _check_elementwise(model, layer, pruned) -> None:
                 model, layer,
                 f"cannot be pruned through: {what} {name or layer.activation!r} is not an elementwise "
                 f"Keras activation (it mixes units), so removing a unit would change the others; "
-                f"exclude {pruned.name!r} from pruning (layer_regex or a per-layer fraction dict)",
+                f"exclude {pruned.name!r} from pruning (--prune-layers or --prune-config when training, --layers with `trainer slice`)",
             )
 
 
@@ -194,7 +194,7 @@ def check_path(chain, pruned) -> None:
         "so every removed unit becomes a nonzero constant; that constant "
         f"can only be folded exactly into a following Dense or padding='valid' Conv2D with a bias, "
         f"but the next weighted layer {following.name!r} is {next_desc}. Exclude {pruned.name!r} "
-        "from pruning (layer_regex or a per-layer fraction dict)"
+        "from pruning (--prune-layers or --prune-config when training, --layers with `trainer slice`)"
     )
 
 

@@ -37,11 +37,11 @@ def _candidates(chain, layer_regex) -> list:
     try:
         pattern = re.compile(layer_regex)
     except (re.error, TypeError) as exc:
-        raise UsageError(f"bad layer_regex {layer_regex!r}: {exc}") from None
+        raise UsageError(f"--layers {layer_regex!r}: not a regular expression ({exc})") from None
     candidates = [layer for layer in candidates if pattern.fullmatch(layer.name)]
     if not candidates:
         raise UsageError(
-            f"layer_regex {layer_regex!r} matches no prunable layer of model {chain.model.name!r}; "
+            f"--layers {layer_regex!r} matches no prunable layer of model {chain.model.name!r}; "
             f"prunable layers (Dense/Conv2D except the output layer): {prunable_text(chain)}"
         )
     return candidates
@@ -67,11 +67,12 @@ def select_units(model, fraction, layer_regex=None) -> dict:
         for name, value in fraction.items():
             check_prunable_name(chain, name)
             if not any(layer.name == name for layer in candidates):
-                raise UsageError(f"layer {name!r} in the fraction dict does not match layer_regex {layer_regex!r}")
+                raise UsageError(f"layer {name!r} has a fraction of its own but does not match "
+                                 f"--layers {layer_regex!r}")
             fractions[name] = _fraction(value, f"fraction for layer {name!r}")
         candidates = [layer for layer in candidates if layer.name in fractions]
     else:
-        value = _fraction(fraction, "fraction")
+        value = _fraction(fraction, "--fraction")
         fractions = {layer.name: value for layer in candidates}
         if not candidates:
             raise UsageError(
