@@ -163,7 +163,7 @@ def one_line_error(proc, *fragments):
 
 @pytest.mark.parametrize("args, fragment", [
     (["--algorithm", "scafold"], "--algorithm scafold: choose one of fedavg, fedprox, scaffold"),
-    (["--clients-per-round", "0"], "--clients-per-round 0: must be between 1 and --clients 3"),
+    (["--clients-per-round", "1"], "--clients-per-round 1: must be between 2 and --clients 3"),
     (["--clients-per-round", "4"], "--clients-per-round 4"),
     (["--prox-mu", "0.1"], "--prox-mu is FedProx's mu; add --algorithm fedprox"),
     (["--algorithm", "fedprox", "--prox-mu", "-1"], "--prox-mu -1.0: must be a finite number >= 0"),

@@ -77,7 +77,7 @@ def test_federated_rounds_with_server_momentum(tmp_path):
     assert len(rows) == 2 and float(rows[-1]["global_accuracy"]) > 0.3
     assert manifest(tmp_path / "fed" / "round-002" / "global")["server"]["rule"] == "fedavgm"
     assert manifest(tmp_path / "fed" / "round-002" / "average")["aggregator"] == "median"
-    assert (tmp_path / "fed" / "server_state.h5").exists()
+    assert (tmp_path / "fed" / "round-002" / "server_state.h5").exists()  # each round keeps its own
 
 
 def _step(capfd, *argv):
