@@ -124,10 +124,13 @@ def test_flag_refused_once_model_or_data_is_known(here, capsys, monkeypatch, arg
 
 def test_dropout_on_a_model_with_dropout_is_kept(here, capsys):
     """The refusal is for models that ignore the rate; one that takes it
-    trains with it (and records it)."""
+    trains with it (and records it), and a resume keeps that rate."""
     assert cli.main(["--model", "mlp", "--dropout", "0.2", "--epochs", "1", "--max-steps", "2", "--quiet",
                      "--out", "run"]) == 0
     assert manifest(here / "run")["model"]["options"]["dropout"] == 0.2
+    capsys.readouterr()
+    refused(capsys, ["--resume", "--out", "run", "--dropout", "0.3"],
+            "--dropout 0.3: --resume run continues with the dropout it started with (0.2); drop --dropout")
 
 
 def test_init_of_another_model_suggests_the_model(here, capsys):
@@ -135,6 +138,14 @@ def test_init_of_another_model_suggests_the_model(here, capsys):
     capsys.readouterr()
     refused(capsys, ["--init", "init", "--model", "digits_cnn", "--out", "run"],
             "--init init: written for model 'mlp', not 'digits_cnn'; pass --model mlp or drop --model")
+    # A .keras that Keras saved alone records no trainer model, but the
+    # registry names its models: the error says which --model fits.
+    from trainer.models import build_model
+    build_model("mlp", (8, 8, 1), 10).save(here / "plain.keras")
+    refused(capsys, ["--init", "plain.keras", "--out", "run"],
+            "--init plain.keras: tensor conv1/kernel missing; the weights do not fit model 'digits_cnn' (the file "
+            "holds dense1/bias, dense1/kernel, dense2/0, dense2/1, logits/bias, logits/kernel); it was saved from "
+            "model mlp: pass --model mlp")
 
 
 def test_init_refuses_an_ensemble(here, capsys):

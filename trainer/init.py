@@ -64,8 +64,27 @@ def load_initial_weights(model, path) -> None:
         raise UsageError(f"--init {e}") from None
     try:
         read_into(model, src, f"--init {path}")
+    except UsageError as e:
+        hint = _registry_name(path)
+        if hint and hint != model.name:
+            raise UsageError(f"{e}; it was saved from model {hint}: pass --model {hint}") from None
+        raise
     finally:
         src.close()
+
+
+def _registry_name(path) -> str | None:
+    """The registry model a plain Keras .keras was built as (the registry
+    names its models so), to suggest as --model; the file decides nothing."""
+    from .files.archive import read_keras
+    from .models import MODELS
+    if Path(path).suffix != ".keras":
+        return None
+    try:
+        name = read_keras(path, weights=False).config.get("config", {}).get("name")
+    except (UsageError, AttributeError):
+        return None
+    return name if name in MODELS else None
 
 
 def check_lineage(model, path, kind: str | None, lineage: str | None) -> None:
