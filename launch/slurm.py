@@ -1,18 +1,18 @@
 """`launch slurm`: render an sbatch script, submit it, follow it to its end."""
 from __future__ import annotations
 
-import re
 import shlex
 import shutil
-import string
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
 
 from trainer.errors import UsageError
+
+from . import directives as d
 
 TEMPLATE = Path(__file__).with_name("templates") / "job.sbatch"
 # What `EXAMPLE` holds, for users who edit and submit a script by hand.
@@ -20,23 +20,7 @@ EXAMPLE = TEMPLATE.with_name("example.sbatch")
 EXAMPLE_JOB = dict(command=["python", "-m", "trainer", "--epochs", "8"], nodes=2, tasks_per_node=4,
                    time="01:00:00")
 MODES = ("srun", "horovodrun")
-# Matched with fullmatch: `$` also matches before a trailing newline. ASCII:
-# `\d` alone accepts any Unicode digit, which Slurm does not.
-_TIME = re.compile(r"(\d+-)?\d{1,2}(:\d{2}){0,2}", re.ASCII)
-# Values that go into #SBATCH lines. sbatch reads those lines itself, not the
-# shell, with rules of its own (src/sbatch/opt.c, _get_argument): whitespace
-# ends the value, an unquoted `#` makes the rest of the line a comment, quotes
-# and backslashes group and escape, and a newline starts a new line of the
-# script. Quoting for that parser would be a second shell dialect to get
-# right; instead these flags take a set of characters that mean the same to
-# sbatch as to the user, and anything else is refused.
-_NAME_CHARS = frozenset(string.ascii_letters + string.digits + "._+=@:,-")
-_DIRECTIVE_CHARS = {
-    "job_name": (_NAME_CHARS, "letters, digits and . _ + = @ : , -"),
-    "partition": (_NAME_CHARS, "letters, digits and . _ + = @ : , - (a name, or names separated by commas)"),
-    "output": (_NAME_CHARS | {"/", "%"}, "letters, digits, / and . _ + = @ : , - % (a path without spaces; "
-                                         "%j is the job id, %x the job name)"),
-}
+DEFAULT_SIGNAL = "USR1@120"
 _DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
          "BOOT_FAIL", "DEADLINE"}
 
@@ -51,29 +35,54 @@ class Job:
     time: str | None = None
     mode: str = "srun"
     job_name: str = "dptoolkit"
-    output: str = "slurm-%j.out"
+    log: str = "slurm-%j.out"
     workdir: str = "."
+    account: str | None = None
+    qos: str | None = None
+    mem: str | None = None
+    cpus_per_task: int | None = None
+    constraint: str | None = None
+    exclusive: bool = False
+    sbatch_args: list[str] = field(default_factory=list)
+    requeue: bool = False
+    signal: str | None = None
+    # The spelling the user gave the log's pattern in (--output is its old name).
+    log_flag: str = field(default="--log", repr=False)
 
     def validate(self) -> None:
         if not self.command:
             raise UsageError("no command after `--`; e.g. python -m launch slurm --nodes 1 --tasks-per-node 2 "
                              "-- python -m trainer")
-        for name in ("nodes", "tasks_per_node"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        for name in ("nodes", "tasks_per_node", "cpus_per_task"):
+            d.check_count(f"--{name.replace('_', '-')}", getattr(self, name))
         if self.gpus_per_node < 0:
             raise UsageError(f"--gpus-per-node {self.gpus_per_node}: must be 0 or more")
-        for name, (allowed, described) in _DIRECTIVE_CHARS.items():
-            check_directive(name, getattr(self, name), allowed, described)
-        if self.time is not None and not _TIME.fullmatch(self.time):
-            raise UsageError(f"--time {_show(self.time)}: expected Slurm's [D-]HH:MM:SS, e.g. 01:30:00")
+        for flag in ("--job-name", "--partition", "--account", "--qos", "--constraint"):
+            d.check_chars(flag, getattr(self, flag[2:].replace("-", "_")))
+        try:
+            d.check_chars("--log", self.log)
+        except UsageError as e:  # named as the user spelled it
+            raise UsageError(str(e).replace("--log", self.log_flag, 1)) from None
+        d.check_mem(self.mem)
+        if self.time is not None and not d.TIME.fullmatch(self.time):
+            raise UsageError(f"--time {d.show(self.time)}: expected Slurm's [D-]HH:MM:SS, e.g. 01:30:00")
+        if self.signal is not None and not self.requeue:
+            raise UsageError(f"--signal {d.show(self.signal)}: only with --requeue (it is when the job checkpoints "
+                             f"and requeues itself; without --requeue, Slurm's own SIGTERM at the time limit "
+                             f"already stops the trainer at its last checkpoint)")
+        if self.requeue:
+            d.parse_signal(self.signal or DEFAULT_SIGNAL, self.time)
+            if _is_trainer(self.command) and _out_of(self.command) is None:
+                raise UsageError("--requeue: the trainer command has no --out, so each requeued run would start "
+                                 "a new run directory; give --out RUN_DIR after --")
+        d.check_sbatch_args(self.sbatch_args, self.requeue, self.mem)
         # Not rendered into the script (sbatch runs there), so any directory
         # name will do, but a control character in it is a mistake or a trick.
         if not self.workdir.isprintable():
-            raise UsageError(f"--workdir {_show(self.workdir)}: contains a control character; "
+            raise UsageError(f"--workdir {d.show(self.workdir)}: contains a control character; "
                              f"give the directory's plain path")
         if not Path(self.workdir).is_dir():
-            raise UsageError(f"--workdir {_show(self.workdir)}: no such directory")
+            raise UsageError(f"--workdir {d.show(self.workdir)}: no such directory")
         if self.mode not in MODES:
             raise UsageError(f"--mode {self.mode}: choose one of {', '.join(MODES)}")
 
@@ -82,54 +91,116 @@ class Job:
         return self.nodes * self.tasks_per_node
 
 
-def _show(value: str) -> str:
-    """A value as one line of an error message (escapes spelled out)."""
-    return shlex.quote(value) if value.isprintable() else repr(value)
+def _is_trainer(command: list[str]) -> bool:
+    return any(a == "-m" and b == "trainer" for a, b in zip(command, command[1:]))
 
 
-def check_directive(name: str, value: str | None, allowed: frozenset, described: str) -> None:
-    if value is None:
-        return
-    flag = f"--{name.replace('_', '-')}"
-    if not value:
-        raise UsageError(f"{flag}: must not be empty")
-    bad = next((c for c in value if c not in allowed), None)
-    if bad is None:
-        return
-    what = f"a control character {bad!r}" if not bad.isprintable() else "a space" if bad.isspace() else repr(bad)
-    raise UsageError(f"{flag} {_show(value)}: contains {what}, which an #SBATCH line cannot carry "
-                     f"safely; use only {described}")
+def _out_of(command: list[str]) -> str | None:
+    """The trainer's run directory in `command` (-o/--out), if it names one."""
+    for i, word in enumerate(command):
+        if word in ("-o", "--out") and i + 1 < len(command):
+            return command[i + 1]
+        if word.startswith("--out="):
+            return word[len("--out="):]
+        if word.startswith("-o") and len(word) > 2 and not word.startswith("--"):
+            return word[2:]
+    return None
 
 
-def launch_line(job: Job) -> str:
+def resumed_command(command: list[str]) -> list[str]:
+    """The trainer command a requeued run executes: the same run, --resume'd.
+    --init goes: a resumed run keeps its own start, and the trainer refuses both."""
+    out, skip = [], False
+    for i, word in enumerate(command):
+        if skip:
+            skip = False
+            continue
+        if word == "--init":
+            skip = True
+            continue
+        if word.startswith("--init=") or word == "--resume":
+            continue
+        out.append(word)
+    return out + ["--resume"]
+
+
+def step_line(job: Job, command: list[str]) -> str:
     # Every word single-quoted for bash, so `;`, `$(...)` and newlines stay
     # inside their argument. A quoted line that looks like `#SBATCH ...` is
     # inert too: sbatch stops reading directives at the first command
     # (`set -euo pipefail` in the template).
-    cmd = shlex.join(job.command)
+    cmd = shlex.join(command)
     if job.mode == "srun":
         # Debian's OpenMPI (and so Horovod over MPI) starts under PMIx only,
         # not pmi2 or none. A trainer run with --backend multiworker starts the
         # same way and builds its TF_CONFIG from the task's Slurm variables.
         return f"srun --mpi=pmix {cmd}"
-    # Gloo: one horovodrun on the first node drives every host of the allocation.
-    return ('HOSTS=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | '
-            f'sed "s/$/:{job.tasks_per_node}/" | paste -sd, -)\n'
-            f'horovodrun --gloo -np {job.tasks} -H "$HOSTS" {cmd}')
+    return f'horovodrun --gloo -np {job.tasks} -H "$HOSTS" {cmd}'
+
+
+def launch_line(job: Job) -> str:
+    hosts = ""
+    if job.mode == "horovodrun":
+        # Gloo: one horovodrun on the first node drives every host of the allocation.
+        hosts = ('HOSTS=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | '
+                 f'sed "s/$/:{job.tasks_per_node}/" | paste -sd, -)\n')
+    if not job.requeue:
+        return hosts + step_line(job, job.command)
+    name, seconds = d.parse_signal(job.signal or DEFAULT_SIGNAL, job.time)
+    again = step_line(job, resumed_command(job.command)) if _is_trainer(job.command) else step_line(job, job.command)
+    # srun answers a SIGTERM of its own by SIGKILLing the tasks, so under srun
+    # the tasks get it from Slurm; horovodrun passes one on to every rank.
+    stop = 'scancel --signal=TERM "$SLURM_JOB_ID"' if job.mode == "srun" else 'kill -TERM "$step"'
+    return Template(REQUEUE).substitute(
+        signal=name, hosts=hosts, first=step_line(job, job.command), again=again, stop=stop,
+        grace=max(1, seconds - 5))
+
+
+# The step runs in the background: bash runs a trap only between commands,
+# so `wait` is what lets the signal in while the step runs.
+REQUEUE = """\
+# --requeue: Slurm sends SIG${signal} to this script (--signal=B:...) before the
+# time limit. The trap stops the step with SIGTERM (the trainer keeps its last
+# checkpoint) and requeues the job; the requeued run (SLURM_RESTART_COUNT > 0)
+# continues the run with --resume.
+echo "launch: job $$SLURM_JOB_ID, run $$(( $${SLURM_RESTART_COUNT:-0} + 1 )), on $$(hostname)"
+requeue() {
+    echo "launch: SIG${signal} before the time limit: stopping the step, then requeueing job $$SLURM_JOB_ID"
+    ${stop} 2>/dev/null || true
+    for _ in $$(seq ${grace}); do kill -0 "$$step" 2>/dev/null || break; sleep 1; done
+    scontrol requeue "$$SLURM_JOB_ID" || { echo "launch: scontrol requeue $$SLURM_JOB_ID failed"; exit 1; }
+    exit 0
+}
+trap requeue ${signal}
+${hosts}if [ "$${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
+    ${again} &
+else
+    ${first} &
+fi
+step=$$!
+wait "$$step"
+"""
 
 
 def render(job: Job) -> str:
     job.validate()
     extra = []
     if job.gpus_per_node:
-        extra.append(f"#SBATCH --gpus-per-node={job.gpus_per_node}")
-    if job.partition:
-        extra.append(f"#SBATCH --partition={job.partition}")
-    if job.time:
-        extra.append(f"#SBATCH --time={job.time}")
+        extra.append(f"--gpus-per-node={job.gpus_per_node}")
+    for name in ("partition", "time", "account", "qos", "mem", "cpus_per_task", "constraint"):
+        if getattr(job, name) is not None:
+            extra.append(f"--{name.replace('_', '-')}={getattr(job, name)}")
+    if job.exclusive:
+        extra.append("--exclusive")
+    if job.requeue:
+        name, seconds = d.parse_signal(job.signal or DEFAULT_SIGNAL, job.time)
+        # B: the batch script alone gets it; its trap stops the step.
+        # append: each run adds to the log instead of truncating the last one.
+        extra += ["--requeue", f"--signal=B:{name}@{seconds}", "--open-mode=append"]
+    extra += job.sbatch_args
     return Template(TEMPLATE.read_text()).substitute(
-        job_name=job.job_name, nodes=job.nodes, tasks_per_node=job.tasks_per_node, output=job.output,
-        extra_directives="\n".join(extra), launch=launch_line(job))
+        job_name=job.job_name, nodes=job.nodes, tasks_per_node=job.tasks_per_node, output=job.log,
+        extra_directives="\n".join(f"#SBATCH {e}" for e in extra), launch=launch_line(job))
 
 
 def sbatch_path() -> str:
@@ -145,7 +216,11 @@ def submit(script: str, workdir: str) -> int:
                           cwd=workdir)
     if proc.returncode != 0:
         raise UsageError(f"sbatch refused the job: {proc.stderr.strip().splitlines()[-1] if proc.stderr else ''}")
-    return int(proc.stdout.strip().split(";")[0])
+    job_id = proc.stdout.strip().split(";")[0]
+    if not job_id.isdigit():
+        raise UsageError(f"sbatch answered {d.show(proc.stdout.strip()[:200])} instead of a job id; "
+                         f"see --dry-run for the script it was given")
+    return int(job_id)
 
 
 # How long `--wait` keeps asking a controller that does not answer (slurmctld
@@ -226,6 +301,10 @@ def _stream(log: Path | None, offset: int, out) -> int:
     if log is None or not log.exists():
         return offset
     with open(log, "rb") as f:
+        # A job requeued without --requeue (by an admin, after a node failure)
+        # starts its log again unless the cluster appends (JobFileAppend).
+        if f.seek(0, 2) < offset:
+            offset = 0
         f.seek(offset)
         chunk = f.read()
     if chunk:
