@@ -6,6 +6,10 @@ from trainer.quiet import install
 
 install()  # before anything imports tensorflow
 
+from trainer import interrupts  # noqa: E402
+
+interrupts.install()
+
 from . import align_evidence, fedavg_evidence, federated, merge_stream, pruning, robust_evidence, scaling
 
 BENCHMARKS = {"scaling": scaling.main, "pruning": pruning.main, "fedavg": fedavg_evidence.main,

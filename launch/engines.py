@@ -35,7 +35,9 @@ CLIENT_CONTROLS = "client_controls.h5"  # --simulate SCAFFOLD: the c_i of the ro
 
 
 def python(module: str, *args) -> list[str]:
-    return [sys.executable, "-m", module, *map(str, args)]
+    # --verbose reaches them through DPT_NATIVE_LOGS (trainer/quiet.py); said again for whoever reads the log
+    verbose = ["--verbose"] if os.environ.get("DPT_NATIVE_LOGS") == "1" and module in ("trainer", "merge") else []
+    return [sys.executable, "-m", module, *map(str, args), *verbose]
 
 
 def run_logged(cmd: list[str], log: Path, what: str) -> None:
@@ -43,10 +45,10 @@ def run_logged(cmd: list[str], log: Path, what: str) -> None:
     with the reason it gave (its `error:` line, else its last line) and the
     log's path if it fails."""
     with open(log, "ab") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        how = (f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
-               else f"exit {proc.returncode}")
+        from trainer import interrupts  # our SIGTERM/SIGINT reach the client's process group
+        code = interrupts.call(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    if code != 0:
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
         raise RuntimeError(f"{what} failed ({how}): {_reason(log)}; its log: {log}")
 
 

@@ -91,15 +91,20 @@ def run(cmd: list[str], hosts_of_ranks: list[str] = (), out=sys.stdout) -> int:
     every rank as soon as one exits non-zero, so a lost rank ends the job in
     seconds instead of leaving the others blocked in an allreduce; we name
     the rank and host it reports and say how to continue."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    from trainer import interrupts
+    proc = interrupts.start_child(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     # Only the lines that can name a loss are kept, not the whole log.
     notable = []
-    for line in proc.stdout:
-        out.write(line)
-        out.flush()
-        if any(p.search(line) for p in _NOTABLE):
-            notable.append(line)
-    status = proc.wait()
+    try:
+        for line in proc.stdout:
+            out.write(line)
+            out.flush()
+            if any(p.search(line) for p in _NOTABLE):
+                notable.append(line)
+        status = proc.wait()
+    except KeyboardInterrupt as e:  # SIGINT/SIGTERM: horovodrun and its ranks get it too, and end with us
+        interrupts.stop_child(proc, getattr(e, "signum", 2))
+        raise
     if status and (message := lost_message(notable, list(hosts_of_ranks))):
         print(message, file=sys.stderr, flush=True)
     return status

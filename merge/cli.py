@@ -166,4 +166,4 @@ def main(argv=None) -> int:
     def body():
         args = parser().parse_args(sys.argv[1:] if argv is None else argv)
         return COMMANDS[args.command](args)
-    return run_cli(body)
+    return run_cli(body, "merge")

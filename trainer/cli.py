@@ -12,7 +12,11 @@ def _launch_rank() -> int:
     for var in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
         if var in os.environ:
             return int(os.environ[var])
-    return 0
+    try:  # a multiworker worker outside Slurm
+        import json
+        return int(json.loads(os.environ.get("TF_CONFIG", "{}"))["task"]["index"])
+    except (ValueError, KeyError, TypeError):
+        return 0
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -59,6 +63,9 @@ def train_parser() -> argparse.ArgumentParser:
     a("--init", help="start from an init/run/merge directory, a .keras or a .weights.h5 file "
                      "(default: fresh weights from --seed)")
     a("--keep", type=int, default=3, help="checkpoints to keep (default %(default)s)")
+    a("--startup-timeout", type=float, default=600.0, metavar="SECONDS",
+      help="multiworker and Horovod: wait at most this long for the other workers/ranks to start, then exit 1 "
+           "naming the missing ones (default %(default)g)")
     a("--max-steps", type=int, help="stop after this many global steps, >= 1; the last one is checkpointed "
                                     "(default: no limit, every epoch)")
     a("--save-every-steps", type=int, default=0, metavar="N",
@@ -243,7 +250,11 @@ def cmd_init(argv) -> int:
 
 
 def main(argv=None) -> int:
+    from . import failures, interrupts
+    from .backends.startup import StartupTimeout
     argv = sys.argv[1:] if argv is None else argv
+    rank = _launch_rank()
+    interrupts.set_announce(rank == 0)
     try:
         if argv and argv[0] == "init":
             return cmd_init(argv[1:])
@@ -251,12 +262,22 @@ def main(argv=None) -> int:
             return cmd_slice(argv[1:])
         return cmd_train(argv)
     except UsageError as e:
-        if _launch_rank() == 0:
+        if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:  # SIGINT or SIGTERM (trainer/interrupts.py)
+        if rank == 0:
+            name = e.args[0] if isinstance(e, interrupts.Interrupted) else "SIGINT"
+            print(f"stopped by {name}: the step under way was abandoned; the run's last checkpoint, if any, is "
+                  "kept (--resume continues from it)", file=sys.stderr, flush=True)
+        return interrupts.exit_code(e)
     except ReplicaMismatch as e:  # every process raises it, from the same gathered hashes
-        if _launch_rank() == 0:
+        if rank == 0:
             print(f"error: {e}", file=sys.stderr)
+        return 1
+    except StartupTimeout as e:  # each waiting worker names who it waited for
+        print(f"error: worker {rank}: {e}", file=sys.stderr, flush=True)
+        return 1
+    except Exception as e:  # only the rank that failed gets here; one line, the traceback in a file
+        print(failures.report(e, "trainer", rank), file=sys.stderr, flush=True)
         return 1

@@ -38,19 +38,40 @@ class MaskMismatch(ReplicaMismatch):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag like any other bad input: one line, exit 2."""
+    """argparse that reports a bad flag like any other bad input: one line, exit 2.
+
+    Every command and sub-command gets --verbose. trainer/quiet.py reads it
+    from sys.argv before TensorFlow is imported; here it is only accepted and
+    documented. Its default is suppressed so that a sub-parser does not reset
+    a --verbose given before the sub-command."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                          help="show TensorFlow's and oneDNN's native log lines and pass --verbose on to the "
+                               "processes started (default: hidden; TF_CPP_MIN_LOG_LEVEL set in the "
+                               "environment also shows them, at that level)")
 
     def error(self, message):
         raise UsageError(f"{message} (see --help)")
 
 
-def run_cli(body) -> int:
+def run_cli(body, prog: str = "dptoolkit") -> int:
     """A CLI's exit code: `body()`'s, or 2 with one `error:` line for a
-    UsageError, 130 for Ctrl-C."""
+    UsageError, 128 + the signal for SIGINT/SIGTERM (trainer/interrupts.py),
+    1 with one line naming the traceback's file for anything unexpected."""
+    from . import failures, interrupts
     try:
         return body()
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:
+        # Temporaries are removed on the way out (their writers clean up on
+        # BaseException); an output is renamed into place whole or not at all.
+        print(f"stopped by {e.args[0] if isinstance(e, interrupts.Interrupted) else 'SIGINT'}", file=sys.stderr,
+              flush=True)
+        return interrupts.exit_code(e)
+    except Exception as e:
+        print(failures.report(e, prog), file=sys.stderr, flush=True)
+        return 1

@@ -66,6 +66,8 @@ class Options:
     verify_every_steps: int = 0
     structured: bool = False
     model_options: dict = field(default_factory=dict)
+    startup_timeout: float = 600.0  # seconds start-up waits for the other workers/ranks
+    verbose: bool = False  # native log lines (trainer/quiet.py acts on it before parsing)
 
 
 def validate(o: Options) -> None:
@@ -140,7 +142,8 @@ def run(o: Options) -> dict:
     from .backends.tfdistribute import configure_logical_devices
     if o.backend == "mirrored":
         configure_logical_devices(o.devices)
-    backend = create(o.backend, fp16_allreduce=o.fp16_allreduce, devices=o.devices, pin_cores=o.pin_cores)
+    backend = create(o.backend, fp16_allreduce=o.fp16_allreduce, devices=o.devices, pin_cores=o.pin_cores,
+                     startup_timeout=o.startup_timeout)
     if o.scaffold is not None and backend.name in ("mirrored", "multiworker"):
         raise UsageError(f"--scaffold runs on the single and horovod backends, not {backend.name}: "
                          "tf.distribute sums gradients inside apply_gradients, after the hook that "
@@ -152,6 +155,8 @@ def run(o: Options) -> dict:
     from .report import ChiefReporter, Reporter
 
     plan = backend.load_shared(lambda: _plan(o))
+    from .failures import set_log_dir
+    set_log_dir(Path(plan["out"]) / "logs")  # tracebacks of this rank from here on
     data = load_data(o, plan["model"]["name"])
     model_cfg = {**plan["model"], "input_shape": list(data.input_shape), "num_classes": data.num_classes}
     if plan["expect_model"] and plan["expect_model"] != model_cfg:

@@ -14,7 +14,7 @@ import numpy as np
 import keras
 import tensorflow as tf
 
-from . import sharding
+from . import interrupts, sharding
 from .backends.base import Backend
 from .models import is_stateful, reset_stateful
 
@@ -181,7 +181,8 @@ def train(model, optimizer, backend: Backend, data, cfg: LoopConfig, state: Trai
             for hook in after_step:  # checks, not training: outside the timing
                 hook(state.step)
             if cfg.save_every_steps and state.step % cfg.save_every_steps == 0:
-                save(state)
+                with interrupts.deferred():  # a checkpoint is written whole, then the signal stops the run
+                    save(state)
             if _done(cfg, state):
                 break
         bar.close()
@@ -199,7 +200,8 @@ def train(model, optimizer, backend: Backend, data, cfg: LoopConfig, state: Trai
             if timed_samples:
                 metrics["samples_per_sec"] = timed_samples / train_time if train_time else 0.0
             reporter.epoch_end(state.epoch - 1, metrics)
-        save(state)
+        with interrupts.deferred():
+            save(state)
     return {"samples_per_sec": timed_samples / train_time if train_time else 0.0,
             "train_time": train_time}
 

@@ -26,18 +26,21 @@ def resolve(choice: str) -> str:
     return choice
 
 
-def create(choice: str, *, fp16_allreduce: bool = False, devices: int = 0, pin_cores: bool = True) -> Backend:
+def create(choice: str, *, fp16_allreduce: bool = False, devices: int = 0, pin_cores: bool = True,
+           startup_timeout: float = 600.0) -> Backend:
+    from .startup import check_timeout
+    check_timeout(startup_timeout)
     choice = resolve(choice)
     if choice == "horovod":
         try:
             from .horovod_backend import HorovodBackend
         except ImportError as e:
             raise UsageError(f"Horovod is not importable ({e}); build it with ./run setup") from None
-        return HorovodBackend(fp16_allreduce=fp16_allreduce, pin_cores=pin_cores)
+        return HorovodBackend(fp16_allreduce=fp16_allreduce, pin_cores=pin_cores, startup_timeout=startup_timeout)
     if choice == "mirrored":
         from .tfdistribute import mirrored
         return mirrored(devices)
     if choice == "multiworker":
         from .tfdistribute import multiworker
-        return multiworker()
+        return multiworker(startup_timeout)
     return SingleBackend()

@@ -14,14 +14,15 @@ class HorovodBackend(Backend):
     name = "horovod"
     replica_noun = "rank"
 
-    def __init__(self, fp16_allreduce: bool = False, pin_cores: bool = True):
+    def __init__(self, fp16_allreduce: bool = False, pin_cores: bool = True, startup_timeout: float = 600.0):
         # Horovod's background thread wakes every cycle to negotiate; at its
         # 1 ms default that steals a noticeable share of a core from compute
         # when ranks fill every core (measured: docs/benchmarks.md). 5 ms
         # costs at most a few ms of latency on steps of ~100+ ms.
         os.environ.setdefault("HOROVOD_CYCLE_TIME", "5")
         import horovod.tensorflow as hvd
-        hvd.init()
+        with _startup_watch(startup_timeout):
+            hvd.init()
         self.hvd = hvd
         self.rank = hvd.rank()
         self.size = hvd.size()
@@ -107,3 +108,18 @@ def pin_to_cores(local_rank: int, local_size: int) -> None:
         return
     per = len(cpus) // local_size
     os.sched_setaffinity(0, cpus[local_rank * per:(local_rank + 1) * per])
+
+
+def _startup_watch(timeout: float):
+    """hvd.init waits for every rank (MPI_Init, Gloo's rendezvous); its world
+    is known only from the launcher's variables, and which rank is missing
+    only to the launcher."""
+    from .startup import Deadline
+    env = os.environ
+    rank = next((env[v] for v in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID") if v in env), "0")
+    size = next((env[v] for v in ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS") if v in env), "?")
+    return Deadline(timeout, f"rank {rank}: waiting for the other ranks of {size} to join Horovod "
+                             f"(up to --startup-timeout {timeout:g} s)",
+                    f"rank {rank}: Horovod did not start within --startup-timeout {timeout:g} s: not all {size} "
+                    "ranks joined hvd.init; check that every rank was started and can reach the others, then run "
+                    "again", speak=rank == "0")

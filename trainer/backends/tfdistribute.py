@@ -111,7 +111,7 @@ def mirrored(devices: int) -> StrategyBackend:
     return StrategyBackend(strategy, "mirrored", rank=0, size=1)
 
 
-def multiworker() -> StrategyBackend:
+def multiworker(startup_timeout: float = 600.0) -> StrategyBackend:
     raw = os.environ.get("TF_CONFIG")
     if not raw and "SLURM_PROCID" in os.environ and "SLURM_STEP_NODELIST" in os.environ:
         raw = os.environ["TF_CONFIG"] = _tf_config_from_slurm()
@@ -124,9 +124,16 @@ def multiworker() -> StrategyBackend:
         index = int(cfg["task"]["index"])
     except (ValueError, KeyError, TypeError) as e:
         raise UsageError(f"TF_CONFIG is not valid JSON with cluster.worker and task.index ({e})") from None
+    if not 0 <= index < len(workers):
+        raise UsageError(f"TF_CONFIG task.index {index} is not one of the {len(workers)} workers of cluster.worker")
+    from .. import interrupts
+    from .startup import wait_for_workers
+    # Every worker up before TensorFlow waits for them where nothing can stop it.
+    wait_for_workers(workers, index, startup_timeout, say=None if index == 0 else (lambda text: None))
     options = tf.distribute.experimental.CommunicationOptions(
         implementation=tf.distribute.experimental.CommunicationImplementation.RING)
     strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    interrupts.reinstall()  # the coordination service has just taken SIGTERM for itself
     return StrategyBackend(strategy, "multiworker", rank=index, size=len(workers))
 
 
