@@ -36,9 +36,15 @@ def _free_port() -> int:
 
 
 class SlurmCluster:
-    def __init__(self, root: Path, cpus: int = 2, hosts=None):
+    MEMORY_MB = 1000
+    FEATURE = "dpt"
+
+    def __init__(self, root: Path, cpus: int = 2, hosts=None, requeue_delay: int | None = None):
         self.root = Path(root)
         self.cpus = cpus
+        # Seconds a requeued job waits before it may start again (Slurm's
+        # default is 120, the job credentials' lifetime, which sets it).
+        self.requeue_delay = requeue_delay
         self.hosts = hosts
         # {node name: address}; the first is the head node (slurmctld, munged, clients).
         self.addresses = ({name: h.address for name, h in hosts.hosts.items()} if hosts else
@@ -86,8 +92,17 @@ class SlurmCluster:
         # node its own TmpFS, where the PMIx plugin makes a directory per job
         # step (in /tmp, the second node's would collide with the first's).
         r = self.root
-        nodes = "\n".join(f"NodeName={name} NodeAddr={addr} CPUs={self.cpus} State=UNKNOWN"
-                          for name, addr in self.addresses.items())
+        # Slurm 22.05 has no requeue_delay of its own: a requeued job becomes
+        # eligible after the credentials' lifetime, cred_expire (at least 5 s;
+        # step credentials are checked within moments of being issued).
+        auth_extra = f",cred_expire={self.requeue_delay}" if self.requeue_delay else ""
+        # ...and the scheduler then notices it at its next pass over pending
+        # jobs, every 60 s by default.
+        sched = "SchedulerParameters=sched_interval=2\n" if self.requeue_delay else ""
+        # Memory and a feature, so that jobs can ask for --mem and --constraint
+        # (without RealMemory a node has 1 MB).
+        nodes = "\n".join(f"NodeName={name} NodeAddr={addr} CPUs={self.cpus} RealMemory={self.MEMORY_MB} "
+                           f"Features={self.FEATURE} State=UNKNOWN" for name, addr in self.addresses.items())
         return f"""ClusterName=dpt
 SlurmctldHost={self.node}({self.addresses[self.node]})
 SlurmUser=root
@@ -95,7 +110,7 @@ SlurmdUser=root
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 AuthType=auth/munge
-AuthInfo=socket={self.munge_socket}
+AuthInfo=socket={self.munge_socket}{auth_extra}
 CredType=cred/munge
 StateSaveLocation={r / 'state'}
 SlurmdSpoolDir={r / 'spool' / '%n'}
@@ -116,7 +131,7 @@ SlurmdTimeout=30
 InactiveLimit=0
 KillWait=5
 MinJobAge=300
-{nodes}
+{sched}{nodes}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 

@@ -25,7 +25,8 @@ def cluster(tmp_path_factory):
     missing = available()
     # ./run setup installs the packages; in CI this test runs, it does not skip.
     assert missing is None, f"Slurm is not installed ({missing}); run ./run setup"
-    c = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    # A requeued job may start again after 10 s instead of Slurm's 120.
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm"), requeue_delay=10).start()
     yield c
     c.stop()
 
@@ -108,12 +109,16 @@ def _job_ids(cluster) -> list[str]:
     ("--job-name", ""),
     ("--partition", "debug\n#SBATCH --nodes=99"),
     ("--partition", "debug --nodes=99"),
-    ("--output", "out.log\ntouch pwned"),
-    ("--output", "my log.out"),
-    ("--output", "\"quoted\".out"),
+    ("--log", "out.log\ntouch pwned"),
+    ("--log", "my log.out"),
+    ("--log", "\"quoted\".out"),
     ("--time", "01:00:00\n"),
     ("--time", "01:00:00\ntouch pwned"),
     ("--workdir", ".\n"),
+    ("--account", "x\n#SBATCH --nodes=9"),
+    ("--mem", "4G\n"),
+    ("--sbatch-arg", "--comment=x\ntouch pwned"),
+    ("--sbatch-arg", "--nodes=9"),
 ])
 def test_unsafe_values_are_refused_and_nothing_is_submitted(cluster, tmp_path, flag, value):
     before = _job_ids(cluster)
@@ -125,7 +130,7 @@ def test_unsafe_values_are_refused_and_nothing_is_submitted(cluster, tmp_path, f
 
 
 def test_plain_names_and_patterns_still_work(cluster, tmp_path):
-    proc = ok(launch("slurm", "--job-name", "run-1.a_b", "--partition", "debug", "--output", "log-%j.out",
+    proc = ok(launch("slurm", "--job-name", "run-1.a_b", "--partition", "debug", "--log", "log-%j.out",
                      "--time", "0-00:05:00", "--wait", "--", "sh", "-c", 'echo "name=$SLURM_JOB_NAME"',
                      cwd=tmp_path, env=cluster.env))
     assert "name=run-1.a_b" in proc.stdout  # streamed from the log, found through its %j path
@@ -205,3 +210,61 @@ def test_no_sbatch_on_path(tmp_path):
 def test_the_shipped_example_script_is_what_the_launcher_renders():
     from launch.slurm import EXAMPLE, EXAMPLE_JOB, Job, render
     assert EXAMPLE.read_text() == render(Job(**EXAMPLE_JOB))
+
+
+def test_what_slurm_users_pass_reaches_the_controller(cluster, tmp_path):
+    proc = ok(launch("slurm", "--cpus-per-task", "2", "--mem", "100M", "--constraint", cluster.FEATURE,
+                     "--exclusive", "--account", "proj1", "--sbatch-arg", "--comment=issue14", "--log", "job-%j.log",
+                     "--wait", "--", "sh", "-c", 'echo "cpus=$SLURM_CPUS_PER_TASK mem=$SLURM_MEM_PER_NODE"',
+                     cwd=tmp_path, env=cluster.env))
+    job_id = proc.stdout.split()[2]
+    assert "cpus=2 mem=100" in proc.stdout and (tmp_path / f"job-{job_id}.log").exists()
+    job = cluster.client(["scontrol", "show", "job", "-o", job_id]).stdout.split()
+    for field in ("CPUs/Task=2", "MinMemoryNode=100M", f"Features={cluster.FEATURE}", "OverSubscribe=NO",
+                  "Comment=issue14", "Account=proj1"):
+        assert field in job, field
+
+
+# Slurm signals the batch script when the time left falls to --signal's
+# seconds plus up to 30 s (its timer's period): 60 to 90 s after the start of
+# a --time 2 job with USR1@30. The trainer needs about 30 s to start and 8
+# epochs of 128 steps outlast that on any machine; fewer would risk finishing
+# before the signal on a fast one.
+REQUEUED_TRAINER = [sys.executable, "-m", "trainer", "--model", "mlp", "--data", "synthetic", "--epochs", "8",
+                    "--batch-size", "8", "--save-every-steps", "10", "--quiet", "--out", "run"]
+
+
+def test_requeue_checkpoints_requeues_and_resumes(cluster, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "launch", "slurm", "--tasks-per-node", "2", "--time", "2",
+                             "--requeue", "--signal", "USR1@30", "--wait", "--", *REQUEUED_TRAINER],
+                            cwd=tmp_path, env=cli_env(**cluster.env), text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        job_id = proc.stdout.readline().split()[2]  # "submitted job N (...)"
+        # The second run gets a longer limit, so that one requeue is all the
+        # test waits for, however slowly this machine trains.
+        _wait_for(lambda: "Restarts=1" in _job(cluster, job_id), 240)
+        ok(cluster.client(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10"]))
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, (out, err)
+    assert f"job {job_id} ended with exit status 0" in err
+    lines = out.splitlines()
+    runs = [line for line in lines if line.startswith(f"launch: job {job_id}, run ")]
+    assert [r.split(",")[1] for r in runs] == [" run 1", " run 2"], out
+    assert sum("launch: SIGUSR1 before the time limit" in line for line in lines) == 1, out
+    # The second run continued from the first run's last checkpoint.
+    resumed = [line for line in lines if "resuming at step" in line]
+    assert len(resumed) == 1 and lines.index(resumed[0]) > lines.index(runs[1]), out
+    step = int(resumed[0].rsplit(" ", 1)[1])
+    assert step > 0 and step % 10 == 0, resumed
+    m = _identical_replicas(tmp_path / "run")
+    assert m["step"] == 8 * 128 and m["epoch"] == 8
+    job = _job(cluster, job_id)
+    assert "JobState=COMPLETED" in job and "Restarts=1" in job
+
+
+def _job(cluster, job_id) -> str:
+    return cluster.client(["scontrol", "show", "job", "-o", job_id]).stdout
