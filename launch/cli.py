@@ -175,16 +175,19 @@ def cmd_federated(a) -> int:
                 clients_per_round=a.clients_per_round, simulate=a.simulate, lr_decay=a.lr_decay, resume=a.resume)
     # With --json, stdout carries the document alone: progress goes to stderr.
     progress = sys.stderr if a.json else sys.stdout
+
+    def document(records, **status) -> str:  # paths as given, not relative to --out
+        rounds = [{**r, "global": str(plan.out / r["global"])} for r in records]
+        return json.dumps({"out": str(plan.out), **status, "rounds": rounds}, indent=2)
     try:
         records = run(plan, log=lambda line: print(line, file=progress, flush=True))
     except RuntimeError as e:  # a client or merge failed: its own message says why, and names its log
         if a.json:
-            print(json.dumps({"out": str(plan.out), "complete": False, "error": str(e),
-                              "rounds": complete_records(plan.out)}, indent=2))
+            print(document(complete_records(plan.out), complete=False, error=str(e)))
         print(f"error: {e}", file=sys.stderr)
         return 1
     if a.json:
-        print(json.dumps({"out": str(plan.out), "complete": True, "rounds": records}, indent=2))
+        print(document(records, complete=True))
         return 0
     print(format_table([csv_row(r, plan.per_round == plan.clients) for r in records]))
     print(f"wrote {plan.out / 'rounds.csv'} and {plan.out / 'rounds.png'}")

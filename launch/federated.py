@@ -270,7 +270,7 @@ def run(plan: Plan, log=print) -> list[dict]:
     for r in range(len(records) + 1, plan.rounds + 1):
         merged, clients, scores = engine.round(r, plan.sample(r), current)
         record = {"round": r, "clients": clients, "global_accuracy": scores["accuracy"],
-                  "global_loss": scores["loss"], "global": str(merged)}
+                  "global_loss": scores["loss"], "global": str(merged.relative_to(plan.out))}
         write_record(plan.out, record)
         records.append(record)
         write_tables(plan, records)

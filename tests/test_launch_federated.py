@@ -168,17 +168,19 @@ def test_resume_of_a_directory_without_a_run_is_refused(tmp_path, capsys, monkey
                                                "to start one")
 
 
-def _trainer_pid(marker: str, proc: subprocess.Popen, timeout=120) -> int:
-    """The pid of launch's trainer child whose command line holds `marker`."""
+def _trainer_pid(marker: str, cwd: Path, proc: subprocess.Popen, timeout=120) -> int:
+    """The pid of the trainer started in `cwd` whose command line holds
+    `marker` (launch runs each client in a process group of its own)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         assert proc.poll() is None
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                here = os.readlink(f"/proc/{pid}/cwd")
             except OSError:
                 continue
-            if b"trainer" in cmd and any(marker.encode() in a for a in cmd) and os.getsid(int(pid)) == proc.pid:
+            if b"trainer" in cmd and any(marker.encode() in a for a in cmd) and here == str(cwd):
                 return int(pid)
         time.sleep(0.05)
     raise AssertionError(f"no trainer process for {marker}")
@@ -192,17 +194,20 @@ def test_a_failed_client_names_its_log_keeps_the_rounds_before_and_resumes(tmp_p
     import h5py
     args = ["federated", "--clients", "2", "--rounds", "2", "--model", "mlp", "--server-opt", "fedavgm", "-o", "fed"]
     first, second = 1, 0  # round 1's last client, round 2's first
-    proc = start_launch(*args, cwd=tmp_path)
+    proc = start_launch(*args, "--json", cwd=tmp_path)
     out = tmp_path / "fed"
     log = out / "round-002" / f"client-{second}.log"
     wait_for(log, proc)
-    os.kill(_trainer_pid(str(Path("round-002") / f"client-{second}"), proc), signal.SIGKILL)
+    os.kill(_trainer_pid(str(Path("round-002") / f"client-{second}"), tmp_path, proc), signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 1
-    (line,) = stderr.strip().splitlines()
+    line = stderr.strip().splitlines()[-1]
     assert line.startswith(f"error: round 2 client {second} failed (killed by SIGKILL): ")
     assert line.endswith(f"; its log: {log.relative_to(tmp_path)}")
-    assert f"round 1/2 client 2/2 (client-{first}): accuracy " in stdout and "round 1/2: clients" in stdout
+    doc = json.loads(stdout)  # the rounds done, and why it stopped
+    assert doc["complete"] is False and doc["error"] == line[len("error: "):]
+    assert [r["round"] for r in doc["rounds"]] == [1] and doc["rounds"][0]["global"] == "fed/round-001/global"
+    assert f"round 1/2 client 2/2 (client-{first}): accuracy " in stderr and "round 1/2: clients" in stderr
     assert [r["round"] for r in csv.DictReader(open(out / "rounds.csv"))] == ["1"]
     assert (out / "rounds.png").stat().st_size > 1000
     assert "final: loss=" in (out / "round-001" / f"client-{first}.log").read_text()  # the client's output, kept
