@@ -143,17 +143,29 @@ def server_step(prev: str, average: str, out: str, rule: str, state: str, lr: fl
                 new_state.attrs["rule"] = rule
                 for k, v in params.items():
                     new_state.attrs[k] = v
+                found = 0
                 for key in keys:
                     shape, dtype = a.info(key)
                     x = np.asarray(a.read(key))
+                    out_key = inputs.output_key(key)
                     if not np.issubdtype(dtype, np.floating):
-                        writer.create(inputs.output_key(key), shape, dtype)[()] = x
+                        writer.create(out_key, shape, dtype)[()] = x
                         continue
-                    slots = {s: (old[f"{s}/{key}"][()] if old is not None and f"{s}/{key}" in old
-                                 else np.zeros(shape)) for s in opt.slots}
-                    writer.create(inputs.output_key(key), shape, dtype)[()] = step_tensor(opt, x, b.read(key), slots)
+                    # Keyed as the output names the tensor, whatever PREVIOUS's own
+                    # naming (an init's variable keys, a merge's Keras paths), so the
+                    # next round finds it; a state keyed by the input's name still reads.
+                    slots = {}
+                    for s in opt.slots:
+                        stored = _stored(old, s, out_key, key)
+                        found += stored is not None
+                        slots[s] = np.zeros(shape) if stored is None else stored
+                    writer.create(out_key, shape, dtype)[()] = step_tensor(opt, x, b.read(key), slots)
                     for s, v in slots.items():
-                        new_state.create_dataset(f"{s}/{key}", data=v)
+                        new_state.create_dataset(f"{s}/{out_key}", data=v)
+                if old is not None and not found and any(isinstance(old[k], h5py.Group) for k in old):
+                    raise UsageError(f"--state {state} holds moments for none of {prev}'s tensors (another "
+                                     "model's, or named as an older version named them); give a new --state "
+                                     "file to start fresh")
             manifest = {**_manifest_of(b), "kind": "merge", "method": f"server:{rule}",
                         "server": {"rule": rule, "lr": lr, "beta1": beta1, "beta2": beta2, "tau": tau,
                                    "previous": a.path, "average": b.path},
@@ -171,6 +183,16 @@ def server_step(prev: str, average: str, out: str, rule: str, state: str, lr: fl
         tmp_state.replace(state_path)
     manifest["warnings"] = warnings
     return manifest
+
+
+def _stored(state, slot: str, *names):
+    """A slot's stored value under the first of `names` it has, or None."""
+    if state is None:
+        return None
+    for name in names:
+        if f"{slot}/{name}" in state:
+            return state[f"{slot}/{name}"][()]
+    return None
 
 
 def _carry_controls(average: str, staged: Path, manifest: dict, recorded: dict) -> None:

@@ -129,3 +129,37 @@ def test_state_records_its_rule_and_refuses_another(tmp_path, capfd, monkeypatch
     assert code == 0 and err.startswith("warning: --state s.h5 does not record which optimizer wrote it")
     with h5py.File(tmp_path / "s.h5", "r") as f:
         assert f.attrs["rule"] == "fedavgm"
+
+
+def test_state_carries_over_from_an_init_directory_to_a_merge_directory(tmp_path, capfd, monkeypatch):
+    """Round 1 steps from a `trainer init` (tensors named by variable), round 2
+    from round 1's merge directory (named by Keras's paths): the momentum must
+    carry over, as FedAvgM's second step against NumPy shows."""
+    monkeypatch.chdir(tmp_path)
+    ok(run([sys.executable, "-m", "trainer", "init", "--model", "mlp", "--out", "init"], cwd=tmp_path))
+    from merge.cli import main
+
+    def weights(path):
+        from trainer.files.sources import open_source
+        src = open_source(str(path))
+        try:
+            return {k: np.asarray(src.read(k), np.float64) for k in src.keys()}
+        finally:
+            src.close()
+
+    x0 = weights(tmp_path / "init")
+    avg = {k: v + 0.01 for k, v in x0.items()}
+    import keras
+    model = keras.models.load_model(tmp_path / "init" / "model.keras", compile=False)
+    from trainer.varnames import keyed
+    for k, var in keyed(model.weights).items():
+        var.assign(avg[k].astype(np.float32))
+    model.save(tmp_path / "avg.keras")
+    assert main(["server-step", "init", "avg.keras", "-o", "g1", "--state", "s.h5"]) == 0
+    assert main(["server-step", "g1", "avg.keras", "-o", "g2", "--state", "s.h5"]) == 0
+    capfd.readouterr()
+    # m1 = d1 = 0.01; g1 = x0 + 0.01; d2 = avg - g1 = 0; m2 = 0.9 m1; g2 = g1 + 0.009
+    got = weights(tmp_path / "g2")
+    g1 = weights(tmp_path / "g1")
+    for name, value in g1.items():
+        np.testing.assert_allclose(got[name] - value, 0.009, atol=1e-5, err_msg=name)
