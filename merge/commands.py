@@ -96,7 +96,7 @@ def cmd_align(a) -> int:
 
     from .align import align, set_weights
     from .models import load_model
-    from .output import add_record, check_output
+    from .output import check_output
     from .records import recorded_data
     if not a.out.endswith(".keras"):
         raise UsageError(f"-o {a.out}: align writes a .keras file; end the name with .keras")
@@ -105,9 +105,8 @@ def cmd_align(a) -> int:
     weights, perms = align(model_a, model_b)
     set_weights(model_b, weights)
     data = recorded_data(a.b)
-    export_keras(model_b, a.out)
-    if data:  # the output computes B's function: it was trained on B's data
-        add_record(a.out, {"data": {"name": data}})
+    # the output computes B's function: it was trained on B's data
+    export_keras(model_b, a.out, record={"data": {"name": data}} if data else None)
     moved = {g: int((p != range(len(p))).sum()) for g, p in perms.items()}
     if a.json:
         _emit({"a": a.a, "b": a.b, "out": a.out, "data": data,

@@ -15,7 +15,6 @@ from trainer.errors import UsageError
 
 from .layers import METHODS, Combine, Ensemble, normalize_weights
 from .models import load_model, output_kind, source_kind
-from .output import add_record
 from .records import common_data, recorded_data
 
 __all__ = ["build_ensemble", "write_ensemble", "METHODS"]
@@ -125,9 +124,8 @@ def write_ensemble(paths: list[str], out: str, method: str = "mean", weights=Non
     model = build_ensemble([load_model(p) for p in paths], method, weights, names=paths)
     data = common_data(recorded_data(p) for p in paths)
     try:
-        export_keras(model, out_path)
-        if data:  # `merge evaluate ENSEMBLE` then needs no --data
-            add_record(out_path, {"data": {"name": data}})
+        # recording the data set: `merge evaluate ENSEMBLE` then needs no --data
+        export_keras(model, out_path, record={"data": {"name": data}} if data else None)
     except OSError as e:
         raise UsageError(f"-o {out}: cannot write ({e.strerror or e})") from None
     combine = model.get_layer("combine")

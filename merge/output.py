@@ -127,7 +127,7 @@ class WeightsWriter:
         zipped = self.tmp / "out.keras"
         metadata = {"keras_version": _keras_version(),
                     "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S"),
-                    RECORD_KEY: {k: manifest.get(k) for k in (*RECORDED, "data")}}
+                    RECORD_KEY: {k: manifest.get(k) for k in RECORDED}}
         with zipfile.ZipFile(zipped, "w", allowZip64=True) as zf:
             _preallocate(zipped, (self.tmp / "model.weights.h5").stat().st_size)
             zf.writestr("metadata.json", json.dumps(metadata))
@@ -140,14 +140,6 @@ class WeightsWriter:
             with open(weights, "rb") as src, zf.open(info, "w", force_zip64=True) as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
         return zipped
-
-
-def add_record(path, record: dict) -> None:
-    """`record` into the metadata of a .keras that Keras saved. export_keras
-    keeps only trainer.checkpoint.RECORDED, which has no "data" (yet); merge
-    outputs record the data set for `merge evaluate`."""
-    from trainer.checkpoint import _add_record
-    _add_record(Path(path), record)
 
 
 def _preallocate(path: Path, nbytes: int) -> None:

@@ -33,7 +33,7 @@ FORMAT = "dptoolkit-run/1"
 # metadata.json under RECORD_KEY: a file copied alone to another machine
 # still says where it comes from, and merge and --init read it.
 RECORD_KEY = "dptoolkit"
-RECORDED = ("kind", "lineage", "round", "samples_seen", "model")
+RECORDED = ("kind", "lineage", "round", "samples_seen", "model", "data")
 JSON_CAP = 16 << 20
 _CKPT = re.compile(r"ckpt-\d{1,12}")
 META_COUNTS = ("epoch", "offset", "step", "samples_seen")
