@@ -107,6 +107,8 @@ def test_evaluate_defaults_to_the_recorded_data_set(runs, capfd, monkeypatch, tm
     assert not as_json(given)["data_recorded"]
     code, out, _ = merge(capfd, "evaluate", "a", "init")  # an init records none: scored on a's
     assert code == 0 and out.splitlines()[-1] == "scored on the test split of digits, the data set the inputs record"
+    code, out, _ = merge(capfd, "evaluate", "a/model.keras", "--json")  # the file alone, copied elsewhere
+    assert code == 0 and as_json(out)["data"] == "digits" and as_json(out)["data_recorded"]
 
     refused(merge(capfd, "evaluate", "init"),
             "--data is needed: init records no data set", "pass --data NAME")
