@@ -146,6 +146,11 @@ def cmd_slurm(a) -> int:
     except slurm.ControllerUnreachable as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Like `sbatch --wait`, stopping the follower leaves the job to Slurm:
+        # it may be hours into its allocation.
+        print(f"stopped following job {job_id}; it keeps running (scancel {job_id} stops it)", file=sys.stderr)
+        raise
     if status is None:
         print(f"job {job_id} ended, but its exit status is unknown: scontrol has forgotten the job and sacct has "
               f"no record of it (no accounting); see its log", file=sys.stderr)

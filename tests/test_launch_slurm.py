@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -268,3 +269,24 @@ def test_requeue_checkpoints_requeues_and_resumes(cluster, tmp_path):
 
 def _job(cluster, job_id) -> str:
     return cluster.client(["scontrol", "show", "job", "-o", job_id]).stdout
+
+
+def test_sigterm_stops_following_within_10s_and_leaves_the_job_running(cluster, tmp_path):
+    job = "import time; print('started', flush=True); time.sleep(20); print('finished')"
+    proc = subprocess.Popen([sys.executable, "-m", "launch", "slurm", "--wait", "--", sys.executable, "-c", job],
+                            cwd=tmp_path, env=cli_env(**cluster.env), text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: any("started" in p.read_text() for p in tmp_path.glob("slurm-*.out")), 60)
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        out, err = proc.communicate(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    job_id = out.split("submitted job ")[1].split()[0]
+    assert proc.returncode == 143 and took < 10, (took, err)
+    assert f"stopped following job {job_id}; it keeps running (scancel {job_id} stops it)" in err
+    log = tmp_path / f"slurm-{job_id}.out"
+    _wait_for(lambda: "finished" in log.read_text(), 60)  # Slurm ran the job to its end
