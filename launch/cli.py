@@ -147,8 +147,8 @@ def cmd_slurm(a) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        # Like `sbatch --wait`, stopping the follower leaves the job to Slurm:
-        # it may be hours into its allocation.
+        # Stopping the follower leaves the job to Slurm: it may be hours into
+        # its allocation, and --wait is only a view of it.
         print(f"stopped following job {job_id}; it keeps running (scancel {job_id} stops it)", file=sys.stderr)
         raise
     if status is None:
