@@ -59,6 +59,11 @@ def here(tmp_path, monkeypatch):
                                               "--client K --clients N, or drop --split and --split-seed"),
     (["--data-dir", "somewhere"], "--data-dir does not apply to --data digits, which is built in; it is for "
                                   "--data cifar10 or --data PATH.npz: drop --data-dir"),
+    (["--startup-timeout", "30"], "--startup-timeout only applies to the Horovod and multiworker backends, which "
+                                  "wait for their peers, and this run uses single (--backend auto resolved to single): "
+                                  "drop --startup-timeout"),
+    (["--backend", "mirrored", "--startup-timeout", "30"], "--startup-timeout only applies to the Horovod and "
+     "multiworker backends, which wait for their peers, and this run uses mirrored: drop --startup-timeout"),
     (["--devices", "2"], "--devices only applies to --backend mirrored, and this run uses single (--backend auto "
                          "resolved to single): add --backend mirrored, or drop --devices"),
     (["--backend", "horovod", "--devices", "2"], "--devices only applies to --backend mirrored, and this run uses "

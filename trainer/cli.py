@@ -63,9 +63,9 @@ def train_parser() -> argparse.ArgumentParser:
     a("--init", help="start from an init/run/merge directory, a .keras or a .weights.h5 file "
                      "(default: fresh weights from --seed)")
     a("--keep", type=int, default=3, help="checkpoints to keep (default %(default)s)")
-    a("--startup-timeout", type=float, default=600.0, metavar="SECONDS",
+    a("--startup-timeout", type=float, metavar="SECONDS",
       help="multiworker and Horovod: wait at most this long for the other workers/ranks to start, then exit 1 "
-           "naming the missing ones (default %(default)g)")
+           "naming the missing ones (default 600)")
     a("--max-steps", type=int, help="stop after this many global steps, >= 1; the last one is checkpointed "
                                     "(default: no limit, every epoch)")
     a("--save-every-steps", type=int, default=0, metavar="N",

@@ -100,7 +100,7 @@ def validate_data_dir(data: str, data_dir: str | None) -> None:
 def _backend_flags(o) -> None:
     horovod_only = [flag for flag, on in (("--fp16-allreduce", o.fp16_allreduce), ("--no-pin", not o.pin_cores))
                     if on]
-    if not horovod_only and o.devices is None:
+    if not horovod_only and o.devices is None and o.startup_timeout is None:
         return
     # auto resolves from the launcher's variables (horovodrun, mpirun, srun),
     # as the run itself will: the flags are judged against the real backend.
@@ -111,6 +111,9 @@ def _backend_flags(o) -> None:
         raise UsageError(f"{' and '.join(horovod_only)} only {_apply(horovod_only)} to the Horovod backend, and this run uses "
                          f"{backend}{how}: launch it with horovodrun, mpirun or srun, or drop "
                          f"{' and '.join(horovod_only)}")
+    if o.startup_timeout is not None and backend not in ("horovod", "multiworker"):
+        raise UsageError(f"--startup-timeout only applies to the Horovod and multiworker backends, which wait for "
+                         f"their peers, and this run uses {backend}{how}: drop --startup-timeout")
     if o.devices is not None and backend != "mirrored":
         raise UsageError(f"--devices only applies to --backend mirrored, and this run uses {backend}{how}: "
                          "add --backend mirrored, or drop --devices")

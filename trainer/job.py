@@ -66,7 +66,7 @@ class Options:
     verify_every_steps: int = 0
     structured: bool = False
     model_options: dict = field(default_factory=dict)
-    startup_timeout: float = 600.0  # seconds start-up waits for the other workers/ranks
+    startup_timeout: float | None = None  # seconds start-up waits for the other workers/ranks (None: 600)
     verbose: bool = False  # native log lines (trainer/quiet.py acts on it before parsing)
 
 
@@ -143,7 +143,7 @@ def run(o: Options) -> dict:
     if o.backend == "mirrored":
         configure_logical_devices(o.devices)
     backend = create(o.backend, fp16_allreduce=o.fp16_allreduce, devices=o.devices, pin_cores=o.pin_cores,
-                     startup_timeout=o.startup_timeout)
+                     startup_timeout=600.0 if o.startup_timeout is None else o.startup_timeout)
     if o.scaffold is not None and backend.name in ("mirrored", "multiworker"):
         raise UsageError(f"--scaffold runs on the single and horovod backends, not {backend.name}: "
                          "tf.distribute sums gradients inside apply_gradients, after the hook that "
