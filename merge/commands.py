@@ -124,15 +124,7 @@ def cmd_barrier(a) -> int:
     res = barrier(a.a, a.b, data, a.data_dir, a.points, aligned=not a.no_align, recorded=recorded)
     if a.plot:
         plot(res, a.plot)
-    if a.json:
-        _emit({**res, "data_recorded": recorded, "plot": a.plot})
-        return 0
-    print(format_table(res))
-    if recorded:
-        print(f"scored on the test split of {data}, the data set the inputs record")
-    if a.plot:
-        print(f"wrote {a.plot}")
-    return 0
+    return _scores(a, {**res, "data_recorded": recorded, "plot": a.plot}, format_table(res), data, recorded)
 
 
 def cmd_auto(a) -> int:
@@ -196,10 +188,17 @@ def cmd_evaluate(a) -> int:
     rows = evaluate(a.inputs, data, a.data_dir, recorded=recorded)
     if a.plot:
         plot(rows, a.plot, data)
+    return _scores(a, {"data": data, "data_recorded": recorded, "models": rows, "plot": a.plot},
+                   format_table(rows), data, recorded)
+
+
+def _scores(a, document: dict, table: str, data: str, recorded: bool) -> int:
+    """What barrier and evaluate print: the document under --json, else the
+    table and where its data set came from."""
     if a.json:
-        _emit({"data": data, "data_recorded": recorded, "models": rows, "plot": a.plot})
+        _emit(document)
         return 0
-    print(format_table(rows))
+    print(table)
     if recorded:
         print(f"scored on the test split of {data}, the data set the inputs record")
     if a.plot:

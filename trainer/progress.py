@@ -17,7 +17,7 @@ def progress(total: float, desc: str, unit: str = "it", *, enabled: bool = True,
     """A bar-like object (update, set_postfix, close; a context manager)."""
     file = sys.stderr if file is None else file
     if not enabled or not total or total <= 0:
-        return _Off()
+        return NullProgress()
     if _is_tty(file):
         from tqdm import tqdm
         return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, file=file, leave=leave,
@@ -32,7 +32,9 @@ def _is_tty(file) -> bool:
         return False
 
 
-class _Off:
+class NullProgress:
+    """Progress that shows nothing (disabled, or not the chief)."""
+
     def update(self, n=1):
         pass
 
@@ -49,7 +51,7 @@ class _Off:
         self.close()
 
 
-class PlainProgress(_Off):
+class PlainProgress(NullProgress):
     """One line per `every` percent: `desc: 40% (12/30 step, 3.1 s)`."""
 
     def __init__(self, total, desc, unit, file, every, unit_scale):

@@ -10,12 +10,12 @@ import json as json_module
 import sys
 from pathlib import Path
 
-from .progress import progress
+from .progress import NullProgress, progress
 
 
 class Reporter:
     def epoch_bar(self, epoch: int, epochs: int, steps: int):
-        return _NullBar()
+        return NullProgress()
 
     def epoch_end(self, epoch: int, metrics: dict) -> None:
         pass
@@ -24,17 +24,6 @@ class Reporter:
         pass
 
     def close(self) -> None:
-        pass
-
-
-class _NullBar:
-    def update(self, n=1):
-        pass
-
-    def set_postfix(self, **kw):
-        pass
-
-    def close(self):
         pass
 
 
