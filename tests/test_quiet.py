@@ -7,9 +7,7 @@ import re
 import subprocess
 import sys
 
-import pytest
-
-from conftest import cli_env, ok
+from conftest import cli_env, manifest, ok
 
 NATIVE = re.compile(r"^[IWEF]\d{4} |oneDNN|absl::InitializeLog", re.M)
 
@@ -25,25 +23,14 @@ def _run(args, cwd, level=None, **env):
                           timeout=300, stdin=subprocess.DEVNULL)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("quiet")
-    proc = ok(_run(["-m", "trainer", "--epochs", 1, "--data", "synthetic", "--max-steps", 2, "--out", "run"], cwd))
-    return cwd, proc
-
-
-def test_trainer_and_merge_print_no_native_lines_by_default(trained):
-    cwd, train = trained
-    assert not NATIVE.search(train.stderr), train.stderr
-    inspect = ok(_run(["-m", "merge", "inspect", "run"], cwd))
-    assert not NATIVE.search(inspect.stderr), inspect.stderr
-
-
-def test_verbose_brings_them_back(trained):
-    cwd, _ = trained
-    proc = ok(_run(["-m", "merge", "inspect", "run", "--verbose"], cwd))
+def test_verbose_brings_them_back_and_merge_is_quiet_without_it(tmp_path):
+    # The trainer's quiet default is the failure test's below, which trains too.
+    train = ok(_run(["-m", "trainer", "--epochs", 1, "--data", "synthetic", "--max-steps", 2, "--out", "run",
+                     "--verbose"], tmp_path))
     # This machine's TensorFlow says at import that oneDNN is on.
-    assert re.search(r"^I\d{4} .*oneDNN custom operations are on", proc.stderr, re.M), proc.stderr
+    assert re.search(r"^I\d{4} .*oneDNN custom operations are on", train.stderr, re.M), train.stderr
+    inspect = ok(_run(["-m", "merge", "inspect", "run"], tmp_path))
+    assert not NATIVE.search(inspect.stderr), inspect.stderr
 
 
 def test_the_users_level_applies_to_the_import_too():
@@ -72,13 +59,30 @@ def test_every_command_accepts_verbose():
     assert launch_parser().parse_args(["horovod", "-H", "a:1", "--verbose"]).verbose
 
 
-def test_an_unexpected_failure_is_one_line_naming_its_traceback(tmp_path):
-    (tmp_path / "broken_model.py").write_text("def build(input_shape, num_classes, **options):\n"
-                                              "    raise RuntimeError('the user model cannot be built')\n")
+UNSAVEABLE_MODEL = """import keras
+
+
+class Unsaveable(keras.layers.Dense):
+    def get_config(self):
+        raise RuntimeError("the user layer cannot be saved")
+
+
+def build(input_shape, num_classes, **options):
+    return keras.Sequential([keras.Input(input_shape), keras.layers.Flatten(), Unsaveable(num_classes)])
+"""
+
+
+def test_quiet_training_and_an_unexpected_failure_is_one_line_naming_its_traceback(tmp_path):
+    """TensorFlow imported, two steps trained and checkpointed, then the
+    user's layer fails to save: stderr holds the one error line and nothing
+    of TensorFlow's."""
+    (tmp_path / "broken_model.py").write_text(UNSAVEABLE_MODEL)
     proc = _run(["-m", "trainer", "--model", "broken_model:build", "--data", "synthetic", "--epochs", 1,
-                 "--out", "run"], tmp_path, PYTHONPATH=f"{cli_env()['PYTHONPATH']}:{tmp_path}")
+                 "--max-steps", 2, "--quiet", "--out", "run"], tmp_path,
+                PYTHONPATH=f"{cli_env()['PYTHONPATH']}:{tmp_path}")
     log = tmp_path / "run" / "logs" / "rank-0.log"
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
-        f"error: rank 0: RuntimeError: the user model cannot be built (traceback in {log.relative_to(tmp_path)})"]
+        f"error: rank 0: RuntimeError: the user layer cannot be saved (traceback in {log.relative_to(tmp_path)})"]
+    assert manifest(tmp_path / "run")["latest"] == "ckpt-00000002", "failed before training"
     assert "Traceback (most recent call last)" in log.read_text() and "broken_model.py" in log.read_text()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import tensorflow as tf
@@ -21,7 +22,7 @@ class HorovodBackend(Backend):
         # costs at most a few ms of latency on steps of ~100+ ms.
         os.environ.setdefault("HOROVOD_CYCLE_TIME", "5")
         import horovod.tensorflow as hvd
-        with _startup_watch(startup_timeout):
+        with _startup_watch(startup_timeout, _meet_in_store(startup_timeout)):
             hvd.init()
         self.hvd = hvd
         self.rank = hvd.rank()
@@ -110,14 +111,47 @@ def pin_to_cores(local_rank: int, local_size: int) -> None:
     os.sched_setaffinity(0, cpus[local_rank * per:(local_rank + 1) * per])
 
 
-def _startup_watch(timeout: float):
-    """hvd.init waits for every rank (MPI_Init, Gloo's rendezvous); its world
-    is known only from the launcher's variables, and which rank is missing
-    only to the launcher."""
-    from .startup import Deadline
-    env = os.environ
+def _launch_rank_size(env=os.environ) -> tuple[str, str]:
     rank = next((env[v] for v in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID") if v in env), "0")
     size = next((env[v] for v in ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS") if v in env), "?")
+    return rank, size
+
+
+def _meet_in_store(timeout: float) -> bool:
+    """Under horovodrun --gloo, wait in horovodrun's key-value store until
+    every rank started (startup.py says why); True if they met there. On a
+    timeout, the error line (from the lowest rank that started) and exit 1."""
+    from .startup import RendezvousStore, StartupTimeout, wait_for_ranks
+    env = os.environ
+    store = RendezvousStore.from_env(env)
+    if store is None or "HOROVOD_RANK" not in env or not env.get("HOROVOD_SIZE", "").isdigit():
+        return False
+    rank = int(env["HOROVOD_RANK"])
+    try:
+        wait_for_ranks(store, rank, int(env["HOROVOD_SIZE"]), timeout, env.get("HOROVOD_HOSTNAME", "?"),
+                       int(env.get("HOROVOD_LOCAL_RANK", 0)), int(env.get("HOROVOD_LOCAL_SIZE", 1)))
+    except StartupTimeout as e:
+        if e.speak:
+            print(f"error: rank {rank}: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    except OSError:  # the store is not reachable: hvd.init will fail and say so, under the deadline below
+        return False
+    return True
+
+
+def _startup_watch(timeout: float, met: bool):
+    """hvd.init waits for every rank (MPI_Init, Gloo's rendezvous). When the
+    ranks met in horovodrun's store, all are up and what is left is their
+    connecting; otherwise the world is known only from the launcher's
+    variables, and which rank is missing only to the launcher."""
+    from .startup import Deadline
+    rank, size = _launch_rank_size()
+    if met:
+        return Deadline(timeout, f"rank {rank}: all {size} ranks started; waiting for Horovod to connect them "
+                                 f"(up to --startup-timeout {timeout:g} s)",
+                        f"rank {rank}: all {size} ranks started but Horovod did not connect them within "
+                        f"--startup-timeout {timeout:g} s; check that the hosts can reach each other (the "
+                        "network interface Horovod picked, firewalls), then run again", speak=rank == "0")
     return Deadline(timeout, f"rank {rank}: waiting for the other ranks of {size} to join Horovod "
                              f"(up to --startup-timeout {timeout:g} s)",
                     f"rank {rank}: Horovod did not start within --startup-timeout {timeout:g} s: not all {size} "
