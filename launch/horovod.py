@@ -36,7 +36,10 @@ _MPI_SIGNAL = re.compile(r"process rank (\d+) with PID \d+ on node (\S+) exited 
 # which of these appears first depends on timing.
 _HOST_GONE = (re.compile(r"^\s*Remote daemon\s*:.* on node (\S+)"), re.compile(r"^\s*Peer host:\s+(\S+)"),
               re.compile(r"^Connection to (\S+) closed"))
-_NOTABLE = (_PROCESS, _CODE, _MPI_SIGNAL, *_HOST_GONE)
+# A rank's own one-line error (horovodrun tags lines [rank] with Gloo,
+# [job,rank] with MPI): that rank has said why it ended.
+_RANK_ERROR = re.compile(r"^\[(?:\d+,)?(\d+)\]<stderr>:error: ")
+_NOTABLE = (_PROCESS, _CODE, _MPI_SIGNAL, *_HOST_GONE, _RANK_ERROR)
 
 
 def rank_hosts(hosts, np: int | None = None) -> list[str]:
@@ -59,11 +62,17 @@ def lost_message(lines, hosts_of_ranks: list[str]) -> str | None:
     """One line naming the lost rank and its host, from horovodrun's output.
     A rank that died of a signal (mpirun says which) is the cause; else a host
     that went away; else the first rank horovodrun saw exit (Gloo). A lost
-    host takes precedence over ranks elsewhere that failed because of it."""
+    host takes precedence over ranks elsewhere that failed because of it.
+    None when nothing was lost, or the rank that ended first printed its own
+    error line (a start-up timeout, a bad file): a second line blaming a lost
+    rank and advising --resume would be wrong."""
     rank = code = gone = None
     killed = None
+    explained = set()
     for line in lines:
-        if m := _PROCESS.match(line):
+        if m := _RANK_ERROR.match(line):
+            explained.add(int(m.group(1)))
+        elif m := _PROCESS.match(line):
             rank = int(m.group(1) or m.group(2)) if rank is None else rank
         elif m := _CODE.match(line):
             code = int(m.group(1)) if code is None else code
@@ -77,7 +86,7 @@ def lost_message(lines, hosts_of_ranks: list[str]) -> str | None:
         ranks = [r for r, h in enumerate(hosts_of_ranks) if h == gone]
         who = f"host {gone} (rank{'s' if len(ranks) != 1 else ''} {', '.join(map(str, ranks)) or '?'}): " \
               "its processes or its connection ended"
-    elif rank is not None:
+    elif rank is not None and rank not in explained:
         host = hosts_of_ranks[rank] if rank < len(hosts_of_ranks) else "?"
         who = f"rank {rank} on {host} ({_how(code)})"
     else:
