@@ -228,14 +228,37 @@ def test_what_slurm_users_pass_reaches_the_controller(cluster, tmp_path):
 
 # Slurm signals the batch script when the time left falls to --signal's
 # seconds plus up to 30 s (its timer's period): 60 to 90 s after the start of
-# a --time 2 job with USR1@30. The trainer needs about 30 s to start and 8
-# epochs of 128 steps outlast that on any machine; fewer would risk finishing
-# before the signal on a fast one.
-REQUEUED_TRAINER = [sys.executable, "-m", "trainer", "--model", "mlp", "--data", "synthetic", "--epochs", "8",
+# a --time 2 job with USR1@30. The first run must still be training then on
+# any machine, so its pace is set by a pause in the model, not by the CPU: a
+# plain MLP finished all its epochs before the signal once the machine was
+# less loaded. 10 epochs of 128 steps of at least 0.1 s: >= 128 s.
+PACED_MODEL = """
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+@keras.saving.register_keras_serializable(package="paced")
+class Pause(keras.layers.Layer):
+    def call(self, x):
+        y = tf.numpy_function(lambda a: (time.sleep(0.1), a)[1], [x], x.dtype, stateful=True)
+        return tf.ensure_shape(y, x.shape)
+
+
+def mlp(input_shape, num_classes, **options):
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Flatten(name="flatten")(Pause(name="pause")(inputs))
+    x = keras.layers.Dense(32, activation="relu", name="dense1")(x)
+    return keras.Model(inputs, keras.layers.Dense(num_classes, name="logits")(x))
+"""
+REQUEUED_TRAINER = [sys.executable, "-m", "trainer", "--model", "paced:mlp", "--data", "synthetic", "--epochs", "10",
                     "--batch-size", "8", "--save-every-steps", "10", "--quiet", "--out", "run"]
 
 
 def test_requeue_checkpoints_requeues_and_resumes(cluster, tmp_path):
+    (tmp_path / "paced.py").write_text(PACED_MODEL)  # `python -m` puts the job's directory on sys.path
     proc = subprocess.Popen([sys.executable, "-m", "launch", "slurm", "--tasks-per-node", "2", "--time", "2",
                              "--requeue", "--signal", "USR1@30", "--wait", "--", *REQUEUED_TRAINER],
                             cwd=tmp_path, env=cli_env(**cluster.env), text=True, stdout=subprocess.PIPE,
@@ -262,7 +285,7 @@ def test_requeue_checkpoints_requeues_and_resumes(cluster, tmp_path):
     step = int(resumed[0].rsplit(" ", 1)[1])
     assert step > 0 and step % 10 == 0, resumed
     m = _identical_replicas(tmp_path / "run")
-    assert m["step"] == 8 * 128 and m["epoch"] == 8
+    assert m["step"] == 10 * 128 and m["epoch"] == 10
     job = _job(cluster, job_id)
     assert "JobState=COMPLETED" in job and "Restarts=1" in job
 
