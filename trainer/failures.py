@@ -25,10 +25,10 @@ def set_log_dir(path) -> None:
     _where["dir"] = Path(path)
 
 
-def log_path(prog: str, rank: int | None = None) -> Path:
+def log_path(prog: str, rank: int | None = None, directory: Path | None = None) -> Path:
     name = f"rank-{rank}.log" if rank is not None else f"{prog}.log"
-    if _where["dir"] is not None:
-        return _where["dir"] / name
+    if directory is not None:
+        return directory / name
     return Path(tempfile.gettempdir()) / "dptoolkit-logs" / f"{prog}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{name}"
 
 
@@ -36,7 +36,9 @@ def report(e: BaseException, prog: str, rank: int | None = None) -> str:
     """Write `e`'s traceback to the log file; return the one line to print."""
     text = "".join(traceback.format_exception(e))
     where = None
-    for path in (log_path(prog, rank), *([] if _where["dir"] is None else [_fallback(prog, rank)])):
+    # The run directory's logs/ first; the temporary directory if that cannot be written.
+    places = [log_path(prog, rank, _where["dir"])] + ([log_path(prog, rank)] if _where["dir"] is not None else [])
+    for path in places:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a") as f:
@@ -49,10 +51,3 @@ def report(e: BaseException, prog: str, rank: int | None = None) -> str:
     tail = f" (traceback in {where})" if where else ""
     return f"error: {who}{one_line(e, 300)}{tail}"
 
-
-def _fallback(prog: str, rank: int | None) -> Path:
-    saved, _where["dir"] = _where["dir"], None
-    try:
-        return log_path(prog, rank)
-    finally:
-        _where["dir"] = saved
