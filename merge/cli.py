@@ -10,6 +10,7 @@ from .aggregate import AGGREGATORS, MASK_POLICIES
 
 JSON_HELP = "print one JSON document on stdout instead of the text report (warnings stay on stderr)"
 OVERWRITE_HELP = "replace an existing output (default: refuse)"
+PAIR_DATA_HELP = "digits, cifar10, synthetic or PATH.npz (default: the data set A and B record)"
 DATA_DIR_HELP = "directory of the data set's files, for cifar10 or a relative PATH.npz (default: none)"
 
 
@@ -98,7 +99,7 @@ def parser() -> OneLineParser:
                         "between the ends.")
     ba.add_argument("a", metavar="A", help="one end of the line")
     ba.add_argument("b", metavar="B", help="the other end")
-    ba.add_argument("--data", help="digits, cifar10, synthetic or PATH.npz (default: the data set A and B record)")
+    ba.add_argument("--data", help=PAIR_DATA_HELP)
     ba.add_argument("--data-dir", help=DATA_DIR_HELP)
     ba.add_argument("--points", type=int, default=11, help="points on the line, ends included, at least 3 "
                     "(default 11)")
@@ -113,7 +114,7 @@ def parser() -> OneLineParser:
                         "an ensemble otherwise.")
     au.add_argument("a", metavar="A", help="the first model")
     au.add_argument("b", metavar="B", help="the second model")
-    au.add_argument("--data", help="digits, cifar10, synthetic or PATH.npz (default: the data set A and B record)")
+    au.add_argument("--data", help=PAIR_DATA_HELP)
     au.add_argument("--data-dir", help=DATA_DIR_HELP)
     au.add_argument("-o", "--out", required=True, help="OUT.keras (required)")
     au.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
