@@ -11,6 +11,17 @@ alike; the median is reported:
       each pinned to its own core (taskset), no communication at all,
       against one such trainer alone.
 Scaling efficiency = np=2 throughput / (2 x np=1 throughput of the same loop).
+
+Every ratio is taken within one repetition, between runs minutes apart,
+and the median of those paired ratios is reported: on a shared 2-core VM
+the same configuration drifts by 15% within minutes (np=1 ran at 324 and
+383 samples/s a quarter of an hour apart), and a ratio of medians taken
+across repetitions mixes that drift into the ratio.
+
+Each repetition also measures what synchronizing must cost here
+(bench/sync_floor.py): the CPU time the allreduce of one step's gradients
+takes from a rank's core, and the straggler cost, the mean of the slower of
+two unsynchronized single-core trainers' step times over the mean of both.
 """
 from __future__ import annotations
 
@@ -76,6 +87,31 @@ def independent(batch, steps, cores=(0, 1)):
                    for core in cores)
 
 
+def allreduce_cost(controller):
+    """The trainer's allreduce of cifar10_cnn's gradients alone, np=2: wall and CPU ms per step on rank 0."""
+    out = _run([BIN / "horovodrun", "-np", 2, f"--{controller}", sys.executable, REPO / "bench" / "sync_floor.py",
+                "allreduce"], None)
+    return json.loads(re.search(r"(\{\"rank\".*\})", out).group(1))
+
+
+def straggler(batch, steps, cores=(0, 1)):
+    """Two single-core trainers' compiled steps, at once, each pinned to its
+    own core, no communication: (mean step ms, mean of the slower / mean of both)."""
+    procs = [subprocess.Popen(["taskset", "-c", str(core), sys.executable, str(REPO / "bench" / "sync_floor.py"),
+                               "steps", "--steps", str(steps), "--batch-size", str(batch)],
+                              cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for core in cores]
+    times = []
+    for p in procs:
+        out, err = p.communicate(timeout=900)
+        if p.returncode != 0:
+            raise RuntimeError(f"sync_floor steps failed:\n{err[-2000:]}")
+        times.append(json.loads(out.strip().splitlines()[-1])["step_ms"])
+    pairs = list(zip(*times))
+    mean = statistics.mean(sum(p) / len(p) for p in pairs)
+    return mean, statistics.mean(max(p) for p in pairs) / mean
+
+
 def _run(cmd, env):
     proc = subprocess.run([str(c) for c in cmd], cwd=REPO, env=_env(env), capture_output=True, text=True,
                           timeout=900)
@@ -87,8 +123,8 @@ def _run(cmd, env):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench scaling")
     p.add_argument("--batch-size", type=int, default=64, help="per rank")
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--reps", type=int, default=5)
     p.add_argument("--write", default=str(REPO / "docs" / "benchmarks.md"))
     a = p.parse_args(argv)
     cores = os.cpu_count() or 1
@@ -103,60 +139,106 @@ def main(argv=None) -> int:
         "ours np=2 gloo, --accum-steps 4": lambda: ours(2, "gloo", B, S // 4, extra=("--accum-steps", 4)),
         "ours np=2 mpi, --accum-steps 4": lambda: ours(2, "mpi", B, S // 4, extra=("--accum-steps", 4)),
         "ours np=2 gloo, --fp16-allreduce": lambda: ours(2, "gloo", B, S, extra=("--fp16-allreduce",)),
-        f"one process, {cores} threads": lambda: ours(0, None, B, S, threads=cores),
+        ONE_PROCESS: lambda: ours(0, None, B, S, threads=cores),
         "one single process alone, one core": lambda: independent(B, S, cores=(0,)),
         "two independent processes, one core each": lambda: independent(B, S),
     }
-    results = {k: [] for k in configs}
+    floors = {
+        "allreduce gloo": lambda: allreduce_cost("gloo"),
+        "allreduce mpi": lambda: allreduce_cost("mpi"),
+        "straggler": lambda: straggler(B, S),
+    }
+    results = {k: [] for k in [*configs, *floors]}
     started = time.time()
     for rep in range(a.reps):
-        for name, fn in configs.items():
+        for name, fn in [*configs.items(), *floors.items()]:
             results[name].append(fn())
-            print(f"rep {rep + 1}/{a.reps} {name}: {results[name][-1]:.1f} samples/s", file=sys.stderr, flush=True)
-    med = {k: statistics.median(v) for k, v in results.items()}
-    report = render(med, results, a, cores, time.time() - started)
+            print(f"rep {rep + 1}/{a.reps} {name}: {results[name][-1]}", file=sys.stderr, flush=True)
+    report = render(results, list(configs), a, cores, time.time() - started)
     print(report)
     if a.write:
         write_section(Path(a.write), "scaling", report)
     return 0
 
 
-def render(med, results, a, cores, seconds) -> str:
-    eff = lambda two, one: med[two] / (2 * med[one])  # noqa: E731
-    rows = [f"| {k} | {med[k]:.1f} | {', '.join(f'{v:.0f}' for v in results[k])} |" for k in med]
+ONE_PROCESS = "one process, all cores"
+
+# (label, ratio of one repetition's results, target)
+RATIOS = [
+    ("scaling efficiency, ours, gloo", lambda r: r["ours np=2 gloo"] / (2 * r["ours np=1"]), ">= 0.90"),
+    ("scaling efficiency, ours, mpi", lambda r: r["ours np=2 mpi"] / (2 * r["ours np=1"]), ">= 0.90"),
+    ("scaling efficiency, ours, gloo, --accum-steps 4",
+     lambda r: r["ours np=2 gloo, --accum-steps 4"] / (2 * r["ours np=1"]), "(4x the batch per allreduce)"),
+    ("scaling efficiency, ours, mpi, --accum-steps 4",
+     lambda r: r["ours np=2 mpi, --accum-steps 4"] / (2 * r["ours np=1"]), "(4x the batch per allreduce)"),
+    ("scaling efficiency, ours, gloo, --fp16-allreduce",
+     lambda r: r["ours np=2 gloo, --fp16-allreduce"] / (2 * r["ours np=1"]), "(reference)"),
+    ("scaling efficiency, plain loop, gloo", lambda r: r["plain np=2 gloo"] / (2 * r["plain np=1"]), "(baseline)"),
+    ("scaling efficiency, plain loop, mpi", lambda r: r["plain np=2 mpi"] / (2 * r["plain np=1"]), "(baseline)"),
+    ("ours / plain at np=1", lambda r: r["ours np=1"] / r["plain np=1"], ">= 1.0"),
+    ("ours / plain at np=2, gloo", lambda r: r["ours np=2 gloo"] / r["plain np=2 gloo"], ">= 1.0"),
+    ("ours / plain at np=2, mpi", lambda r: r["ours np=2 mpi"] / r["plain np=2 mpi"], ">= 1.0"),
+    ("one process with all cores / (2 x ours np=1)", lambda r: r[ONE_PROCESS] / (2 * r["ours np=1"]), "(reference)"),
+    ("machine ceiling: two independent processes / (2 x one alone)",
+     lambda r: r["two independent processes, one core each"] / (2 * r["one single process alone, one core"]),
+     "(what no communication would give)"),
+    ("ours np=1 under horovodrun / one single process alone",
+     lambda r: r["ours np=1"] / r["one single process alone, one core"], "(Horovod's cost at size 1)"),
+    ("ours np=2 gloo / machine ceiling",
+     lambda r: r["ours np=2 gloo"] / r["two independent processes, one core each"], "(the cost of synchronizing)"),
+]
+
+
+def _floor(r):
+    """One repetition's costs of synchronizing, and the efficiency they leave
+    to synchronous SGD with Gloo: each rank's core computes its step and the
+    allreduce's CPU work, and a synchronized step lasts as long as the slower
+    rank's. Horovod's negotiation and cycle waits are not in it."""
+    step, lag = r["straggler"]
+    cpu = r["allreduce gloo"]["cpu_ms"]
+    return {"step": step, "lag": lag, "gloo": r["allreduce gloo"], "mpi": r["allreduce mpi"],
+            "bound": 1 / ((1 + cpu / step) * lag)}
+
+
+def render(results, configs, a, cores, seconds) -> str:
+    reps = [{k: v[i] for k, v in results.items()} for i in range(a.reps)]
+    med = {k: statistics.median(results[k]) for k in configs}
+
+    def row(values, fmt="{:.2f}"):
+        return f"{fmt.format(statistics.median(values))} | {', '.join(fmt.format(v) for v in values)}"
+
+    floors = [_floor(r) for r in reps]
     lines = [
         "## Data-parallel scaling (cifar10_cnn, synthetic data)",
         "",
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} with {cores} cores "
         f"({_cpu_name()}), Python {platform.python_version()}, per-rank batch {a.batch_size}, "
-        f"{a.steps} timed steps after one untimed compile step, median of {a.reps} interleaved runs "
+        f"{a.steps} timed steps after one untimed compile step, {a.reps} interleaved repetitions "
         f"({seconds / 60:.1f} min in all). `python -m bench scaling` reproduces it.",
         "",
         "| configuration | samples/s (median) | runs |",
         "|---|---|---|",
-        *rows,
+        *[f"| {k.replace(ONE_PROCESS, f'one process, {cores} threads')} | {med[k]:.1f} | "
+          f"{', '.join(f'{v:.0f}' for v in results[k])} |" for k in configs],
         "",
-        "| ratio | value | target |",
+        "Each ratio is computed within a repetition; the median of the repetitions is shown, then each one.",
+        "",
+        "| ratio | median | per repetition | target |",
+        "|---|---|---|---|",
+        *[f"| {label} | {row([fn(r) for r in reps])} | {target} |" for label, fn, target in RATIOS],
+        "",
+        "What synchronizing costs here (`bench/sync_floor.py`; medians, then each repetition):",
+        "",
+        "| measure | median | per repetition |",
         "|---|---|---|",
-        f"| scaling efficiency, ours, gloo | {eff('ours np=2 gloo', 'ours np=1'):.2f} | >= 0.90 |",
-        f"| scaling efficiency, ours, mpi | {eff('ours np=2 mpi', 'ours np=1'):.2f} | >= 0.90 |",
-        f"| scaling efficiency, ours, gloo, --accum-steps 4 | {eff('ours np=2 gloo, --accum-steps 4', 'ours np=1'):.2f} | >= 0.90 |",
-        f"| scaling efficiency, ours, mpi, --accum-steps 4 | {eff('ours np=2 mpi, --accum-steps 4', 'ours np=1'):.2f} | >= 0.90 |",
-        f"| scaling efficiency, ours, gloo, --fp16-allreduce | {eff('ours np=2 gloo, --fp16-allreduce', 'ours np=1'):.2f} | >= 0.90 |",
-        f"| scaling efficiency, plain loop, gloo | {eff('plain np=2 gloo', 'plain np=1'):.2f} | (baseline) |",
-        f"| scaling efficiency, plain loop, mpi | {eff('plain np=2 mpi', 'plain np=1'):.2f} | (baseline) |",
-        f"| ours / plain at np=1 | {med['ours np=1'] / med['plain np=1']:.2f} | >= 1.0 |",
-        f"| ours / plain at np=2, gloo | {med['ours np=2 gloo'] / med['plain np=2 gloo']:.2f} | >= 1.0 |",
-        f"| ours / plain at np=2, mpi | {med['ours np=2 mpi'] / med['plain np=2 mpi']:.2f} | >= 1.0 |",
-        f"| one process with all cores / (2 x ours np=1) | "
-        f"{med[[k for k in med if k.startswith('one process')][0]] / (2 * med['ours np=1']):.2f} | (reference) |",
-        f"| machine ceiling: two independent processes / (2 x one alone) | "
-        f"{med['two independent processes, one core each'] / (2 * med['one single process alone, one core']):.2f} "
-        f"| (what no communication would give) |",
-        f"| ours np=1 under horovodrun / one single process alone | "
-        f"{med['ours np=1'] / med['one single process alone, one core']:.2f} | (Horovod's cost at size 1) |",
-        f"| ours np=2 gloo / machine ceiling | "
-        f"{med['ours np=2 gloo'] / med['two independent processes, one core each']:.2f} | (the cost of synchronizing) |",
+        f"| allreduce of one step's gradients alone, np=2 gloo: wall ms | {row([f['gloo']['wall_ms'] for f in floors], '{:.1f}')} |",
+        f"| the same: CPU ms per rank | {row([f['gloo']['cpu_ms'] for f in floors], '{:.1f}')} |",
+        f"| allreduce alone, np=2 mpi: wall ms | {row([f['mpi']['wall_ms'] for f in floors], '{:.1f}')} |",
+        f"| the same: CPU ms per rank | {row([f['mpi']['cpu_ms'] for f in floors], '{:.1f}')} |",
+        f"| compiled step of one single-core trainer, ms | {row([f['step'] for f in floors], '{:.1f}')} |",
+        f"| straggler cost: slower of two unsynchronized trainers / their mean | {row([f['lag'] for f in floors], '{:.3f}')} |",
+        f"| efficiency left to synchronous SGD with gloo: 1 / ((1 + allreduce CPU / step) x straggler cost) "
+        f"| {row([f['bound'] for f in floors])} |",
     ]
     return "\n".join(lines) + "\n"
 
