@@ -60,13 +60,19 @@ def buildah(*args, timeout=600, check=True, **kw) -> subprocess.CompletedProcess
 
 def base_python() -> str:
     """The CPython 3.12 the base image copies: the one running the tests where
-    it is 3.12 (./run's choice on this machine), else python3.12 on PATH."""
+    it is 3.12 (./run's choice on this machine), else DPT_BASE_PYTHON, else
+    the first python3.12 that runs, as docker/base-debian.sh picks it
+    (pyenv's bare python3.12 shim is on PATH but refuses until a version is
+    selected, so its versions folder is looked in too)."""
     if sys.version_info[:2] == (3, 12):
         return sys.executable
-    found = shutil.which("python3.12")
-    if not found:
-        raise RuntimeError("the base image needs a CPython 3.12 (pyenv's, or set DPT_BASE_PYTHON for docker/base-debian.sh)")
-    return found
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    candidates = [os.environ.get("DPT_BASE_PYTHON"), shutil.which("python3.12"),
+                  *map(str, sorted(pyenv.glob("versions/3.12.*/bin/python3.12")))]
+    for cand in filter(None, candidates):
+        if subprocess.run([cand, "-c", "import sys"], capture_output=True).returncode == 0:
+            return cand
+    raise RuntimeError("the base image needs a CPython 3.12 (pyenv's, or set DPT_BASE_PYTHON for docker/base-debian.sh)")
 
 
 def _image_exists(ref: str) -> bool:
