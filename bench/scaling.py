@@ -15,7 +15,7 @@ Scaling efficiency = np=2 throughput / (2 x np=1 throughput of the same loop).
 Every ratio is taken within one repetition, between runs minutes apart,
 and the median of those paired ratios is reported: on a shared 2-core VM
 the same configuration drifts by 15% within minutes (np=1 ran at 324 and
-383 samples/s a quarter of an hour apart), and a ratio of medians taken
+383 samples/s within 5 minutes), and a ratio of medians taken
 across repetitions mixes that drift into the ratio.
 
 Each repetition also measures what synchronizing must cost here
