@@ -71,18 +71,10 @@ def independent(batch, steps, cores=(0, 1)):
     """Summed throughput of trainers (--backend single, one thread, pinned to
     one core each) that run at once and share nothing but the machine."""
     with tempfile.TemporaryDirectory() as tmp:
-        procs = []
-        for core in cores:
-            args = ["taskset", "-c", core, sys.executable, "-m", "trainer", "--backend", "single",
-                    "--model", "cifar10_cnn", "--data", "synthetic", "--batch-size", batch,
-                    "--max-steps", steps + 1, "--epochs", 1000, "--threads", 1,
-                    "--out", Path(tmp) / f"run{core}", "--quiet"]
-            procs.append(subprocess.Popen([str(a) for a in args], cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.PIPE, text=True))
-        for p in procs:
-            _, err = p.communicate(timeout=900)
-            if p.returncode != 0:
-                raise RuntimeError(f"independent trainer failed:\n{err[-2000:]}")
+        _pinned_at_once({core: [sys.executable, "-m", "trainer", "--backend", "single", "--model", "cifar10_cnn",
+                                "--data", "synthetic", "--batch-size", batch, "--max-steps", steps + 1,
+                                "--epochs", 1000, "--threads", 1, "--out", Path(tmp) / f"run{core}", "--quiet"]
+                         for core in cores})
         return sum(json.loads((Path(tmp) / f"run{core}" / "manifest.json").read_text())["final"]["samples_per_sec"]
                    for core in cores)
 
@@ -97,19 +89,25 @@ def allreduce_cost(controller):
 def straggler(batch, steps, cores=(0, 1)):
     """Two single-core trainers' compiled steps, at once, each pinned to its
     own core, no communication: (mean step ms, mean of the slower / mean of both)."""
-    procs = [subprocess.Popen(["taskset", "-c", str(core), sys.executable, str(REPO / "bench" / "sync_floor.py"),
-                               "steps", "--steps", str(steps), "--batch-size", str(batch)],
-                              cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for core in cores]
-    times = []
+    outs = _pinned_at_once({core: [sys.executable, REPO / "bench" / "sync_floor.py", "steps", "--steps", steps,
+                                   "--batch-size", batch] for core in cores})
+    pairs = list(zip(*(json.loads(out.strip().splitlines()[-1])["step_ms"] for out in outs)))
+    mean = statistics.mean(sum(p) / len(p) for p in pairs)
+    return mean, statistics.mean(max(p) for p in pairs) / mean
+
+
+def _pinned_at_once(commands):
+    """Run each command pinned to its core (taskset), all at once; their stdouts."""
+    procs = [subprocess.Popen(["taskset", "-c", str(core), *map(str, cmd)], cwd=REPO, env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for core, cmd in commands.items()]
+    outs = []
     for p in procs:
         out, err = p.communicate(timeout=900)
         if p.returncode != 0:
-            raise RuntimeError(f"sync_floor steps failed:\n{err[-2000:]}")
-        times.append(json.loads(out.strip().splitlines()[-1])["step_ms"])
-    pairs = list(zip(*times))
-    mean = statistics.mean(sum(p) / len(p) for p in pairs)
-    return mean, statistics.mean(max(p) for p in pairs) / mean
+            raise RuntimeError(f"{' '.join(p.args[3:6])}... failed:\n{err[-2000:]}")
+        outs.append(out)
+    return outs
 
 
 def _run(cmd, env):
