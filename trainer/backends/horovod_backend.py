@@ -21,6 +21,12 @@ class HorovodBackend(Backend):
         # when ranks fill every core (measured: docs/benchmarks.md). 5 ms
         # costs at most a few ms of latency on steps of ~100+ ms.
         os.environ.setdefault("HOROVOD_CYCLE_TIME", "5")
+        # Even 5 ms cycles cost a rank ~12 ms of its core per step when it
+        # has nothing to reduce: each one is an exchange with the other
+        # ranks. The project's Horovod build (patches/horovod-0.28.1.patch,
+        # part 3) waits for the next tensor instead, up to this long; other
+        # builds ignore the variable.
+        os.environ.setdefault("HOROVOD_IDLE_CYCLE_TIME", "50")
         import horovod.tensorflow as hvd
         with _startup_watch(startup_timeout, _meet_in_store(startup_timeout)):
             hvd.init()
