@@ -6,6 +6,8 @@ alike; the median is reported:
   plain np=1, plain np=2 (gloo, mpi): bench/plain_horovod.py, Horovod's
       documented TF2 loop, the baseline;
   ours np=1, ours np=2 (gloo, mpi): python -m trainer with its defaults;
+  ours np=2 with HOROVOD_IDLE_CYCLE_TIME=0: the same with Horovod's upstream
+      idle cycling instead of the project patch's waits (part 3);
   one process, all cores: python -m trainer --threads <cores>;
   the machine's ceiling: two independent single-process trainers at once,
       each pinned to its own core (taskset), no communication at all,
@@ -137,6 +139,8 @@ def main(argv=None) -> int:
         "ours np=2 gloo, --accum-steps 4": lambda: ours(2, "gloo", B, S // 4, extra=("--accum-steps", 4)),
         "ours np=2 mpi, --accum-steps 4": lambda: ours(2, "mpi", B, S // 4, extra=("--accum-steps", 4)),
         "ours np=2 gloo, --fp16-allreduce": lambda: ours(2, "gloo", B, S, extra=("--fp16-allreduce",)),
+        UPSTREAM_IDLE + " gloo": lambda: ours(2, "gloo", B, S, env={"HOROVOD_IDLE_CYCLE_TIME": "0"}),
+        UPSTREAM_IDLE + " mpi": lambda: ours(2, "mpi", B, S, env={"HOROVOD_IDLE_CYCLE_TIME": "0"}),
         ONE_PROCESS: lambda: ours(0, None, B, S, threads=cores),
         "one single process alone, one core": lambda: independent(B, S, cores=(0,)),
         "two independent processes, one core each": lambda: independent(B, S),
@@ -160,6 +164,9 @@ def main(argv=None) -> int:
 
 
 ONE_PROCESS = "one process, all cores"
+# The trainer with Horovod's upstream idle behaviour (a cross-rank exchange
+# every 5 ms cycle even with nothing to reduce) instead of the patch's part 3.
+UPSTREAM_IDLE = "ours np=2, HOROVOD_IDLE_CYCLE_TIME=0,"
 
 # (label, ratio of one repetition's results, target)
 RATIOS = [
@@ -173,6 +180,10 @@ RATIOS = [
      lambda r: r["ours np=2 gloo, --fp16-allreduce"] / (2 * r["ours np=1"]), "(reference)"),
     ("scaling efficiency, plain loop, gloo", lambda r: r["plain np=2 gloo"] / (2 * r["plain np=1"]), "(baseline)"),
     ("scaling efficiency, plain loop, mpi", lambda r: r["plain np=2 mpi"] / (2 * r["plain np=1"]), "(baseline)"),
+    ("ours np=2 gloo / the same with HOROVOD_IDLE_CYCLE_TIME=0",
+     lambda r: r["ours np=2 gloo"] / r[UPSTREAM_IDLE + " gloo"], "(the patch's idle waits)"),
+    ("ours np=2 mpi / the same with HOROVOD_IDLE_CYCLE_TIME=0",
+     lambda r: r["ours np=2 mpi"] / r[UPSTREAM_IDLE + " mpi"], "(the patch's idle waits)"),
     ("ours / plain at np=1", lambda r: r["ours np=1"] / r["plain np=1"], ">= 1.0"),
     ("ours / plain at np=2, gloo", lambda r: r["ours np=2 gloo"] / r["plain np=2 gloo"], ">= 1.0"),
     ("ours / plain at np=2, mpi", lambda r: r["ours np=2 mpi"] / r["plain np=2 mpi"], ">= 1.0"),
