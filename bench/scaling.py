@@ -253,13 +253,24 @@ def render(results, configs, a, cores, seconds) -> str:
 
 
 def _cpu_name() -> str:
+    """The CPU's name, family and model, and its widest vector unit.
+
+    A VM may name its CPU only "AMD EPYC", yet two machines of that name ran
+    the same trainer at speeds a factor of two apart, and TensorFlow turned
+    oneDNN on by itself on one of them only (docs/benchmarks.md): figures
+    are comparable only between machines where this whole line matches.
+    """
     try:
+        fields = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+        return platform.processor() or "unknown CPU"
+    flags = fields.get("flags", "").split()
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{fields.get('model name', 'unknown CPU')}, family {fields.get('cpu family', '?')} " \
+           f"model {fields.get('model', '?')}, {vector}"
 
 
 def write_section(path: Path, key: str, body: str) -> None:
