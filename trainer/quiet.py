@@ -1,9 +1,10 @@
 """TensorFlow's native log lines stay off the terminal unless asked for.
 
 TensorFlow 2.21 writes native log lines (`I0000 00:00:... port.cc:153]
-oneDNN custom operations are on`, the CPU-instruction notice, on CUDA builds
-`E... Unable to register cuDNN/cuFFT/cuBLAS factory`) while `import
-tensorflow` runs, before its C++ logging is initialized, so
+oneDNN custom operations are on` on CPUs where it turns oneDNN on by itself,
+the CPU-instruction notice, on CUDA builds `E... Unable to register
+cuDNN/cuFFT/cuBLAS factory`) while `import tensorflow` runs, before its
+C++ logging is initialized, so
 TF_CPP_MIN_LOG_LEVEL does not reach them; later lines (grappler, collective
 ops, the coordination service) do obey it. On every rank of every run they
 bury the one line that matters. `install()`, called first by every
@@ -21,7 +22,7 @@ the environment:
   and merges a launcher starts are verbose too.
 
 Turning oneDNN off (TF_ENABLE_ONEDNN_OPTS=0) would also silence its lines,
-but costs 10-20% of throughput here.
+but costs 10-20% of throughput on the machines where it was on.
 """
 from __future__ import annotations
 
