@@ -3,13 +3,12 @@
 TensorFlow 2.21 writes native log lines (`I0000 00:00:... port.cc:153]
 oneDNN custom operations are on` on CPUs where it turns oneDNN on by itself,
 the CPU-instruction notice, on CUDA builds `E... Unable to register
-cuDNN/cuFFT/cuBLAS factory`) while `import tensorflow` runs, before its
-C++ logging is initialized, so
-TF_CPP_MIN_LOG_LEVEL does not reach them; later lines (grappler, collective
-ops, the coordination service) do obey it. On every rank of every run they
-bury the one line that matters. `install()`, called first by every
-`__main__`, picks one of three modes, which child processes inherit through
-the environment:
+cuDNN/cuFFT/cuBLAS factory`) while `import tensorflow` runs, before its C++
+logging is initialized, so TF_CPP_MIN_LOG_LEVEL does not reach them; later
+lines (grappler, collective ops, the coordination service) do obey it. On
+every rank of every run they bury the one line that matters. `install()`,
+called first by every `__main__`, picks one of three modes, which child
+processes inherit through the environment:
 
 - quiet (the default): TF_CPP_MIN_LOG_LEVEL=3 for everything after the
   import, and the import runs with file descriptor 2 pointed at a temporary
